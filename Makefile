@@ -1,0 +1,26 @@
+# Set-up and the two everyday jobs. Everything installs into .venv; nothing is fetched from a model hub.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup serve test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[serve,data,train,dev]'
+	touch $@
+
+serve: setup
+	$(VENV)/bin/dsd generate --image tests/assets/reference.png --prompt "the same toy on a beach" --out outputs/demo.png
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/pipeline_step.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,94 @@
+"""The `dsd` command: generate, convert, and the data and training stages."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import limits
+from .errors import InputError, WeightsError
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .images import decode_image
+    from .loading import TINY_NOTICE, adapter_for_mode, load_pipeline
+    from .settings import ModelSettings
+
+    settings = ModelSettings()
+    image = decode_image(args.image, "--image")
+    pipe = load_pipeline(settings)
+    pipe.set_progress_bar_config(disable=False, desc="denoising")
+    result = pipe(
+        image,
+        args.prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        image_guidance_scale=args.image_guidance,
+        text_guidance_scale=args.text_guidance,
+        size=args.size if args.size is not None else settings.size,
+        seed=args.seed,
+        full_canvas=args.full_canvas,
+        adapter=adapter_for_mode(pipe, args.mode),
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.images[0].save(out)
+    print(f"wrote {out} (seed {result.seeds[0]}, profile {pipe.profile}, mode {args.mode})")
+    if pipe.profile == "tiny":
+        print(TINY_NOTICE)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .convert import convert_checkpoint
+
+    print(
+        convert_checkpoint(
+            args.source, args.destination, to=args.to, fold_lora=args.fold_lora, lora_scale=args.lora_scale
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate one image from a reference image and a prompt")
+    gen.add_argument("--image", required=True, help="reference image (PNG, JPEG or WebP)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--out", required=True, help="output image path")
+    gen.add_argument("--mode", default="identity", help="identity | structure (selects the adapter)")
+    gen.add_argument("--steps", type=int, default=28, help=f"denoising steps [{limits.MIN_STEPS}, {limits.MAX_STEPS}]")
+    gen.add_argument("--seed", type=int, default=None, help="random when absent; always printed")
+    gen.add_argument("--guidance", type=float, default=3.5, help="distilled guidance (official: 3.5)")
+    gen.add_argument("--image-guidance", type=float, default=1.0, help="true-CFG image scale; CFG runs when > 1")
+    gen.add_argument("--text-guidance", type=float, default=1.0, help="true-CFG text scale")
+    gen.add_argument("--size", type=int, default=None, help="reference/output side, multiple of 16 (default 512)")
+    gen.add_argument("--full-canvas", action="store_true", help="write the whole [reference | output] canvas")
+    gen.set_defaults(handler=_generate)
+
+    conv = sub.add_parser("convert", help="convert DSD / FLUX transformer checkpoints (safetensors only)")
+    conv.add_argument("source", help="official DSD or plain FLUX transformer: file, sharded index or directory")
+    conv.add_argument("destination", help="output directory")
+    conv.add_argument("--to", choices=("fused", "official"), default="fused")
+    conv.add_argument("--fold-lora", action="store_true", help="fold LoRA tensors embedded in the source exactly")
+    conv.add_argument("--lora-scale", type=float, default=1.0, help="scale of a folded LoRA (official: 1.0)")
+    conv.set_defaults(handler=_convert)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (InputError, WeightsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

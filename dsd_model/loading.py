@@ -1,0 +1,86 @@
+"""Build the pipeline a settings object describes: the tiny profile in-process, or real weights from local paths."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .errors import InputError, WeightsError
+from .pipeline import DSDPipeline
+from .settings import ModelSettings
+
+logger = logging.getLogger(__name__)
+
+MODES = ("identity", "structure")
+"""Request modes; each selects the adapter of the same name."""
+TINY_NOTICE = (
+    "profile 'tiny': built-in random components of a few hundred KB; images are noise-like by design. "
+    "Set DSD_MODEL_DIR (and DSD_ADAPTERS) to serve real FLUX.1-dev / DSD weights."
+)
+
+
+def load_pipeline(settings: ModelSettings | None = None) -> DSDPipeline:
+    """Load, move to the device and attach adapters. Nothing is downloaded: real weights must be on disk."""
+    settings = settings or ModelSettings()
+    device, dtype = settings.resolved_device(), settings.resolved_dtype()
+    if settings.resolved_profile == "tiny":
+        pipe = _tiny_pipeline()
+        logger.warning(TINY_NOTICE)
+    else:
+        pipe = _real_pipeline(settings, dtype)
+        for name, path in settings.adapters.items():
+            pipe.load_adapter(path, name)
+        if settings.fuse_adapters:
+            pipe.adapters.fuse(next(iter(settings.adapters)))
+    pipe.profile = settings.resolved_profile
+    pipe.max_sequence_length = settings.max_sequence_length
+    pipe.default_adapter = settings.default_adapter or (pipe.adapters.names[0] if pipe.adapters.names else None)
+    if pipe.transformer.dtype != dtype:
+        pipe.to(dtype=dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_pipeline() -> DSDPipeline:
+    from .tiny import build_tiny_components, tiny_lora_state_dict
+
+    pipe = DSDPipeline(**build_tiny_components())
+    for seed, name in enumerate(MODES, start=1):
+        pipe.load_adapter(tiny_lora_state_dict(pipe.transformer, seed=seed), name)
+    return pipe
+
+
+def _real_pipeline(settings: ModelSettings, dtype) -> DSDPipeline:
+    from .convert import load_dsd_transformer
+
+    model_dir = Path(settings.model_dir)
+    if not (model_dir / "model_index.json").is_file():
+        raise WeightsError(
+            f"DSD_MODEL_DIR {str(model_dir)!r} is not a diffusers pipeline directory (no model_index.json); "
+            "point it at a local copy of FLUX.1-dev"
+        )
+    transformer_path = Path(settings.transformer_path or model_dir / "dsd_transformer")
+    if not transformer_path.exists():
+        raise WeightsError(
+            f"DSD transformer weights {str(transformer_path)!r} do not exist; set DSD_TRANSFORMER_PATH to the "
+            "official DSD transformer or to a directory written by `dsd convert`"
+        )
+    transformer, folded_lora = load_dsd_transformer(transformer_path, dtype=dtype)
+    pipe = DSDPipeline.from_pretrained(
+        model_dir, transformer=transformer, torch_dtype=dtype, local_files_only=True
+    )
+    pipe.adapters.folded_lora = folded_lora
+    return pipe
+
+
+def adapter_for_mode(pipe: DSDPipeline, mode: str) -> str | None:
+    """The adapter a request mode selects: the adapter named like the mode, or none when no adapter is loaded."""
+    if mode not in MODES:
+        raise InputError("mode", f"{mode!r} is not one of {', '.join(MODES)}")
+    names = pipe.adapters.names
+    if not names:
+        return None
+    if mode not in names:
+        raise InputError("mode", f"{mode!r} has no adapter loaded; loaded adapters: {', '.join(names)}")
+    return mode

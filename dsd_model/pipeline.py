@@ -1,0 +1,559 @@
+"""The DSD pipeline: FLUX.1-dev with the reference latents concatenated on the channel axis.
+
+`DSDPipeline.__call__` reads as numbered steps and is built from three stage functions that the serving engine
+calls directly, so there is one implementation of the math:
+
+    prepare(requests) -> states    encode prompts, encode the [reference | black] canvas, draw noise, schedule
+    step(states)                   one batched transformer forward over any mix of states, then an Euler update
+    finish(state) -> image         unpack, decode, keep the right half
+
+Official facts reproduced (DESIGN.md section 1): the canvas, condition encoding `(z - shift) * scale` then 2x2
+packing, noise over the whole canvas, image ids over the whole canvas grid, flow-match Euler with
+`sigmas = linspace(1, 1/N, N)` and dynamic shift from the token count, distilled guidance, and dual true CFG
+`u + s_i (u_t - u) + s_t (v - u_t)` applied when `s_i > 1` from step 2 on, its three passes run as rows of one
+forward.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase, T5EncoderModel
+
+from . import limits
+from .adapters import AdapterRegistry
+from .errors import InputError
+from .images import condition_canvas, decode_image, to_pil
+
+VAE_SCALE_FACTOR = 8
+"""Pixels per latent side in the FLUX VAE; with 2x2 packing one image token covers 16x16 pixels."""
+
+
+@dataclass
+class GenerationRequest:
+    """One image to generate. Values are validated by `validate_request`; nothing is corrected silently."""
+
+    image: Image.Image
+    prompt: str
+    negative_prompt: str = ""
+    num_inference_steps: int = 28
+    guidance_scale: float = 3.5
+    image_guidance_scale: float = 1.0
+    text_guidance_scale: float = 1.0
+    size: int = 512
+    seed: int | None = None
+    latents: torch.Tensor | None = None
+    full_canvas: bool = False
+    adapter: str | None = None
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.image_guidance_scale > 1.0
+
+    def rows_at(self, step_index: int) -> int:
+        """Transformer rows this request needs at `step_index`: three while true CFG is on, else one."""
+        return 3 if self.uses_cfg and step_index >= limits.CFG_START_STEP else 1
+
+    @property
+    def max_rows(self) -> int:
+        return 3 if self.uses_cfg and self.num_inference_steps > limits.CFG_START_STEP else 1
+
+
+def _check_number(name: str, value, low, high, integer: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise InputError(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise InputError(name, f"must be finite, got {value!r}")
+    if not low <= value <= high:
+        raise InputError(name, f"{value!r} is outside [{low}, {high}]")
+
+
+def validate_request(request: GenerationRequest) -> None:
+    """Raise `InputError` naming the field and its limit for any value outside the documented bounds."""
+    if not isinstance(request.image, Image.Image) or request.image.mode != "RGB":
+        raise InputError("image", "must be an RGB PIL image; decode it with `dsd_model.images.decode_image`")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(request, name)
+        if not isinstance(text, str):
+            raise InputError(name, f"must be a string, got {type(text).__name__}")
+        if len(text) > limits.MAX_PROMPT_CHARS:
+            raise InputError(name, f"has {len(text)} characters; the limit is {limits.MAX_PROMPT_CHARS}")
+    if not request.prompt.strip():
+        raise InputError("prompt", "must not be empty")
+    _check_number("num_inference_steps", request.num_inference_steps, limits.MIN_STEPS, limits.MAX_STEPS, True)
+    _check_number("guidance_scale", request.guidance_scale, limits.MIN_GUIDANCE, limits.MAX_GUIDANCE)
+    _check_number("image_guidance_scale", request.image_guidance_scale, limits.MIN_CFG, limits.MAX_CFG)
+    _check_number("text_guidance_scale", request.text_guidance_scale, limits.MIN_CFG, limits.MAX_CFG)
+    _check_number("size", request.size, limits.MIN_SIZE, limits.MAX_SIZE, True)
+    if request.size % limits.SIZE_MULTIPLE:
+        raise InputError("size", f"{request.size} is not a multiple of {limits.SIZE_MULTIPLE}")
+    if request.seed is not None:
+        _check_number("seed", request.seed, 0, limits.MAX_SEED, True)
+
+
+@dataclass
+class DenoiseState:
+    """Everything one request carries through the denoising loop; `step` advances `step_index`."""
+
+    request: GenerationRequest
+    seed: int
+    latents: torch.Tensor
+    condition: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    negative_pooled_prompt_embeds: torch.Tensor | None
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    step_index: int = 0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.num_steps
+
+    @property
+    def rows(self) -> int:
+        return self.request.rows_at(self.step_index)
+
+    @property
+    def canvas_key(self) -> tuple:
+        """States with equal keys can share a transformer forward."""
+        return (self.request.size, self.request.adapter)
+
+
+@dataclass
+class DSDPipelineOutput(BaseOutput):
+    images: list[Image.Image] | torch.Tensor
+    seeds: list[int]
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] → [B, H/2 * W/2, 4C] (2x2 patches, FLUX's packing)."""
+    b, c, h, w = latents.shape
+    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `pack_latents` for a latent grid of `height` x `width`."""
+    b, _, channels = latents.shape
+    latents = latents.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, channels // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """(0, row, col) for each packed token of a `height` x `width` latent grid."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = torch.arange(height // 2)[:, None]
+    ids[..., 2] = torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class DSDPipeline(DiffusionPipeline):
+    r"""Zero-shot identity- and structure-preserving generation from one reference image and a prompt.
+
+    Components are those of FLUX.1-dev; the transformer is a stock `FluxTransformer2DModel` with
+    `in_channels = 2 * packed_channels` (noise and condition concatenated on the channel axis).
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer | PreTrainedTokenizerBase,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: PreTrainedTokenizerBase,
+        transformer: FluxTransformer2DModel,
+    ):
+        super().__init__()
+        self.register_modules(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+        )
+        packed = transformer.config.in_channels // 2
+        expected_out = transformer.config.out_channels or transformer.config.in_channels
+        if expected_out != packed or packed != 4 * vae.config.latent_channels:
+            raise ValueError(
+                f"transformer in/out channels {transformer.config.in_channels}/{expected_out} do not fit a DSD "
+                f"transformer for a VAE with {vae.config.latent_channels} latent channels: expected in_channels="
+                f"{8 * vae.config.latent_channels}, out_channels={4 * vae.config.latent_channels}. "
+                "Convert a plain FLUX or official DSD checkpoint with `dsd convert`."
+            )
+        self.adapters = AdapterRegistry(transformer)
+        self.max_sequence_length = 512
+        self.tokenizer_max_length = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
+        if self.tokenizer_max_length > 1024:
+            self.tokenizer_max_length = 77
+        self._prompt_cache = None
+
+    # ------------------------------------------------------------------ prompt encoding
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 hidden states padded to `max_sequence_length` and pooled CLIP embeddings for a list of prompts."""
+        device = self._execution_device
+        t5_ids = self.tokenizer_2(
+            list(prompts), padding="max_length", max_length=self.max_sequence_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        prompt_embeds = self.text_encoder_2(t5_ids.to(device), output_hidden_states=False)[0]
+        clip_ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        pooled = self.text_encoder(clip_ids.to(device), output_hidden_states=False).pooler_output
+        dtype = self.transformer.dtype
+        return prompt_embeds.to(dtype=dtype), pooled.to(dtype=dtype)
+
+    def _encode_prompts_cached(self, prompts: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Embeddings per distinct prompt, through the optional in-process cache (`set_prompt_cache`)."""
+        unique = list(dict.fromkeys(prompts))
+        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self._prompt_cache is not None:
+            for prompt in unique:
+                hit = self._prompt_cache.get(prompt)
+                if hit is not None:
+                    found[prompt] = hit
+        missing = [p for p in unique if p not in found]
+        if missing:
+            embeds, pooled = self.encode_prompt(missing)
+            for i, prompt in enumerate(missing):
+                found[prompt] = (embeds[i : i + 1], pooled[i : i + 1])
+                if self._prompt_cache is not None:
+                    self._prompt_cache.put(prompt, found[prompt])
+        return found
+
+    def set_prompt_cache(self, cache) -> None:
+        """Reuse prompt embeddings through `cache` (an object with get(prompt) / put(prompt, value)); None disables."""
+        self._prompt_cache = cache
+
+    # ------------------------------------------------------------------ condition encoding
+
+    @torch.no_grad()
+    def encode_condition_distribution(self, image: Image.Image, size: int) -> torch.Tensor:
+        """VAE posterior parameters (mean and log-variance, concatenated on channels) of the [reference | black]
+        canvas. This is what the latent cache stores: a sample drawn from it with the request's generator equals
+        the sample drawn without the cache."""
+        canvas = condition_canvas(image, size).to(device=self._execution_device, dtype=self.vae.dtype)
+        return self.vae.encode(canvas).latent_dist.parameters
+
+    def condition_latents(self, parameters: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Sample the posterior with `generator`, shift and scale, pack: the transformer's condition channels."""
+        distribution = DiagonalGaussianDistribution(parameters)
+        sample = randn_tensor(
+            distribution.mean.shape, generator=generator, device=parameters.device, dtype=parameters.dtype
+        )
+        latents = distribution.mean + distribution.std * sample
+        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return pack_latents(latents)
+
+    # ------------------------------------------------------------------ stage functions
+
+    def schedule(self, num_inference_steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and sigmas (with the final 0) of the official schedule for one request."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        mu = calculate_shift(
+            image_seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self._execution_device)
+        return scheduler.timesteps, scheduler.sigmas
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        requests: Sequence[GenerationRequest],
+        condition_parameters: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[DenoiseState]:
+        """Validate and set up each request. `condition_parameters[i]`, when given, replaces the VAE encoding of
+        request i (a latent-cache hit); they must come from `encode_condition_distribution` of the same image.
+
+        Each request draws from its own generator seeded by its seed: first the noise over the whole canvas
+        (as the official code does with its generator), then the condition-latent sample.
+        """
+        for request in requests:
+            validate_request(request)
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        embeddings = self._encode_prompts_cached(
+            [r.prompt for r in requests] + [r.negative_prompt for r in requests if r.uses_cfg]
+        )
+        channels = self.vae.config.latent_channels
+        states = []
+        for i, request in enumerate(requests):
+            seed = request.seed if request.seed is not None else secrets.randbelow(limits.MAX_SEED)
+            generator = torch.Generator("cpu").manual_seed(seed)
+            height, width = 2 * (request.size // 16), 2 * (2 * request.size // 16)
+            if request.latents is not None:
+                latents = self._check_latents(request.latents, height * width // 4, 4 * channels)
+                noise_drawn = False
+            else:
+                noise = randn_tensor((1, channels, height, width), generator=generator, device=device, dtype=dtype)
+                latents = pack_latents(noise)
+                noise_drawn = True
+            parameters = condition_parameters[i] if condition_parameters is not None else None
+            if parameters is None:
+                parameters = self.encode_condition_distribution(request.image, request.size)
+            if not noise_drawn:
+                randn_tensor((1, channels, height, width), generator=generator, device=device, dtype=dtype)
+            condition = self.condition_latents(parameters.to(device), generator).to(dtype)
+            timesteps, sigmas = self.schedule(request.num_inference_steps, latents.shape[1])
+            embeds, pooled = embeddings[request.prompt]
+            negative = embeddings[request.negative_prompt] if request.uses_cfg else (None, None)
+            states.append(
+                DenoiseState(
+                    request=request,
+                    seed=seed,
+                    latents=latents,
+                    condition=condition,
+                    prompt_embeds=embeds,
+                    pooled_prompt_embeds=pooled,
+                    negative_prompt_embeds=negative[0],
+                    negative_pooled_prompt_embeds=negative[1],
+                    timesteps=timesteps,
+                    sigmas=sigmas,
+                )
+            )
+        return states
+
+    def _check_latents(self, latents: torch.Tensor, tokens: int, channels: int) -> torch.Tensor:
+        expected = (1, tokens, channels)
+        if tuple(latents.shape) != expected:
+            raise InputError("latents", f"shape {tuple(latents.shape)} does not match the packed canvas {expected}")
+        return latents.to(device=self._execution_device, dtype=self.transformer.dtype)
+
+    @torch.no_grad()
+    def step(self, states: Sequence[DenoiseState]) -> None:
+        """Advance every state by one denoising step with one transformer forward.
+
+        States may differ in prompt, seed, step count, position in their schedule, guidance and CFG scales; they must
+        share the canvas size and the active adapter (`DenoiseState.canvas_key`). A CFG state contributes three rows
+        (negative prompt without condition, negative prompt with condition, prompt with condition).
+        """
+        if not states:
+            return
+        keys = {s.canvas_key for s in states}
+        if len(keys) != 1:
+            raise ValueError(f"states of different canvas sizes or adapters cannot share a forward: {sorted(keys)}")
+        hidden, text, pooled, timestep, guidance = [], [], [], [], []
+        for state in states:
+            x, c = state.latents, state.condition
+            t = state.timesteps[state.step_index].expand(1).to(x.dtype)
+            g = torch.full((1,), state.request.guidance_scale, device=x.device, dtype=torch.float32)
+            if state.rows == 3:
+                hidden += [torch.cat([x, torch.zeros_like(c)], dim=2), torch.cat([x, c], dim=2)]
+                text += [state.negative_prompt_embeds] * 2
+                pooled += [state.negative_pooled_prompt_embeds] * 2
+                timestep += [t, t]
+                guidance += [g, g]
+            hidden.append(torch.cat([x, c], dim=2))
+            text.append(state.prompt_embeds)
+            pooled.append(state.pooled_prompt_embeds)
+            timestep.append(t)
+            guidance.append(g)
+
+        size = states[0].request.size
+        height, width = 2 * (size // 16), 2 * (2 * size // 16)
+        dtype = self.transformer.dtype
+        prediction = self.transformer(
+            hidden_states=torch.cat(hidden).to(dtype),
+            timestep=torch.cat(timestep) / 1000,
+            guidance=torch.cat(guidance) if self.transformer.config.guidance_embeds else None,
+            pooled_projections=torch.cat(pooled).to(dtype),
+            encoder_hidden_states=torch.cat(text).to(dtype),
+            txt_ids=torch.zeros(text[0].shape[1], 3, device=self._execution_device, dtype=dtype),
+            img_ids=latent_image_ids(height, width, self._execution_device, dtype),
+            return_dict=False,
+        )[0]
+
+        row = 0
+        for state in states:
+            if state.rows == 3:
+                u, u_t, v = prediction[row : row + 3].chunk(3)
+                row += 3
+                r = state.request
+                pred = u + r.image_guidance_scale * (u_t - u) + r.text_guidance_scale * (v - u_t)
+            else:
+                pred = prediction[row : row + 1]
+                row += 1
+            sigma = state.sigmas[state.step_index]
+            sigma_next = state.sigmas[state.step_index + 1]
+            updated = state.latents.to(torch.float32) + (sigma_next - sigma) * pred
+            state.latents = updated.to(pred.dtype)
+            state.step_index += 1
+
+    @torch.no_grad()
+    def decode(self, state: DenoiseState) -> torch.Tensor:
+        """Decoded canvas (or its right half) in [-1, 1], shape [1, 3, H, W]."""
+        size = state.request.size
+        latents = unpack_latents(state.latents, 2 * (size // 16), 2 * (2 * size // 16))
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return image if state.request.full_canvas else image[..., size:]
+
+    def finish(self, state: DenoiseState) -> Image.Image:
+        """The generated image of a finished state."""
+        if not state.done:
+            raise ValueError(f"state is at step {state.step_index} of {state.num_steps}; finish it first")
+        return to_pil(self.decode(state))[0]
+
+    # ------------------------------------------------------------------ adapters
+
+    def load_adapter(self, source, name: str) -> None:
+        """Load a LoRA adapter file (official layout or ours) or state dict under `name`."""
+        self.adapters.load(source, name)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Activate adapter `name` (None: the base model) for the following forwards."""
+        self.adapters.activate(name)
+
+    # ------------------------------------------------------------------ the plain call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: Image.Image | str | bytes | Sequence[Image.Image | str | bytes],
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        num_inference_steps: int | Sequence[int] = 28,
+        guidance_scale: float | Sequence[float] = 3.5,
+        image_guidance_scale: float | Sequence[float] = 1.0,
+        text_guidance_scale: float | Sequence[float] = 1.0,
+        size: int | None = None,
+        seed: int | Sequence[int | None] | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        full_canvas: bool = False,
+        adapter: str | None = None,
+        output_type: str = "pil",
+        callback_on_step_end: Callable[["DSDPipeline", int, list[DenoiseState]], None] | None = None,
+        return_dict: bool = True,
+    ):
+        r"""Generate images of the references' subjects following the prompts.
+
+        Every per-image argument takes one value for all images or a list with one value per image; `image` and
+        `prompt` lists set the batch size (a single image or prompt is repeated). `seed` (or `generator`, from which
+        a seed is drawn) makes a result reproducible; `latents` ([B, tokens, channels], packed) replaces the noise.
+        `size` is the reference/output side (default 512, the official size; multiples of 16). The output is the
+        right half of the decoded canvas, or the whole canvas with `full_canvas=True`. `output_type`: "pil", "pt"
+        (float tensors in [0, 1]) or "np".
+
+        `callback_on_step_end(pipe, step, states)` runs after each batched forward.
+        """
+        # 1. Check inputs and build one request per image
+        requests = self._requests(
+            image, prompt, negative_prompt, num_inference_steps, guidance_scale, image_guidance_scale,
+            text_guidance_scale, size, seed, generator, latents, full_canvas, adapter,
+        )
+        if output_type not in ("pil", "pt", "np"):
+            raise InputError("output_type", f"{output_type!r} is not one of 'pil', 'pt', 'np'")
+        self.set_adapter(adapter)
+
+        # 2-4. Encode prompts and the reference canvases, draw noise, compute each schedule
+        states = self.prepare(requests)
+
+        # 5. Denoising loop: every unfinished request advances in one batched forward
+        with self.progress_bar(total=max(s.num_steps for s in states)) as progress_bar:
+            step = 0
+            while not all(s.done for s in states):
+                self.step([s for s in states if not s.done])
+                if callback_on_step_end is not None:
+                    callback_on_step_end(self, step, states)
+                step += 1
+                progress_bar.update()
+
+        # 6. Decode
+        decoded = [self.decode(s) for s in states]
+        seeds = [s.seed for s in states]
+        self.maybe_free_model_hooks()
+        if output_type == "pil":
+            images = [to_pil(d)[0] for d in decoded]
+        else:
+            images = torch.cat([(d.float() / 2 + 0.5).clamp(0, 1) for d in decoded])
+            if output_type == "np":
+                images = images.permute(0, 2, 3, 1).cpu().numpy()
+        if not return_dict:
+            return images, seeds
+        return DSDPipelineOutput(images=images, seeds=seeds)
+
+    def _requests(
+        self, image, prompt, negative_prompt, steps, guidance, image_guidance, text_guidance, size, seed, generator,
+        latents, full_canvas, adapter,
+    ) -> list[GenerationRequest]:
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+        batch = max(len(images), len(prompts))
+
+        def per_image(name, value):
+            if isinstance(value, (list, tuple)):
+                if len(value) != batch:
+                    raise InputError(name, f"has {len(value)} values for a batch of {batch}")
+                return list(value)
+            return [value] * batch
+
+        images, prompts = per_image("image", images if len(images) > 1 else images[0]), per_image(
+            "prompt", prompts if len(prompts) > 1 else prompts[0]
+        )
+        if generator is not None and seed is not None:
+            raise InputError("generator", "cannot be passed together with `seed`; pass one of the two")
+        if generator is not None:
+            generators = per_image("generator", generator)
+            seeds = [int(torch.randint(0, 2**62, (1,), generator=g).item()) for g in generators]
+        else:
+            seeds = per_image("seed", seed)
+        if latents is not None and latents.shape[0] != batch:
+            raise InputError("latents", f"has batch {latents.shape[0]}, expected {batch}")
+        size = size if size is not None else 512
+        decoded = {}
+        return [
+            GenerationRequest(
+                image=decoded.setdefault(id(img), decode_image(img, f"image[{i}]")),
+                prompt=p,
+                negative_prompt=n,
+                num_inference_steps=s,
+                guidance_scale=g,
+                image_guidance_scale=ig,
+                text_guidance_scale=tg,
+                size=size,
+                seed=sd,
+                latents=latents[i : i + 1] if latents is not None else None,
+                full_canvas=full_canvas,
+                adapter=adapter,
+            )
+            for i, (img, p, n, s, g, ig, tg, sd) in enumerate(
+                zip(
+                    images, prompts, per_image("negative_prompt", negative_prompt),
+                    per_image("num_inference_steps", steps), per_image("guidance_scale", guidance),
+                    per_image("image_guidance_scale", image_guidance), per_image("text_guidance_scale", text_guidance),
+                    seeds,
+                )
+            )
+        ]

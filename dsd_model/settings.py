@@ -1,0 +1,94 @@
+"""One typed settings object for the model package, read once from the environment (prefix ``DSD_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .limits import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
+
+
+class ModelSettings(BaseSettings):
+    """Where the weights are and how to run them.
+
+    With no ``model_dir`` the embedded tiny profile is used: the real classes at a few hundred KB, built in-process
+    from a fixed seed. It runs anywhere and produces noise-like images by design.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DSD_", extra="ignore")
+
+    profile: Literal["auto", "tiny", "real"] = Field(
+        "auto",
+        description="`auto` picks `real` when model_dir is set and `tiny` otherwise; `tiny` ignores model_dir.",
+    )
+    model_dir: Path | None = Field(
+        None,
+        description="Local FLUX.1-dev directory in diffusers layout (model_index.json, vae/, text_encoder*/, ...). "
+        "Never downloaded: it must exist on disk.",
+    )
+    transformer_path: Path | None = Field(
+        None,
+        description="DSD transformer weights: a fused directory written by `dsd convert`, or the official DSD "
+        "transformer directory/file (converted while loading). Defaults to <model_dir>/dsd_transformer.",
+    )
+    adapters: dict[str, Path] = Field(
+        default_factory=dict,
+        description='Named LoRA adapter files, e.g. {"identity": "/w/identity.safetensors"}. JSON in DSD_ADAPTERS.',
+    )
+    default_adapter: str | None = Field(
+        None, description="Adapter used when a request names none; the first configured adapter when unset."
+    )
+    fuse_adapters: bool = Field(
+        False,
+        description="Fold the single configured adapter into the weights for speed (only with exactly one adapter).",
+    )
+    device: str = Field("auto", description="`auto` = cuda when available, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="`auto` = bfloat16 on cuda (what FLUX.1-dev was trained in), float32 on cpu."
+    )
+    size: int = Field(512, description="Default reference/output side in pixels; the official DSD size is 512.")
+    max_sequence_length: int = Field(
+        512, ge=16, le=512, description="T5 prompt tokens; 512 is the official value and FLUX.1-dev's maximum."
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, value: int) -> int:
+        if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
+            raise ValueError(f"size must be a multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_real(self) -> "ModelSettings":
+        if self.profile == "real" and self.model_dir is None:
+            raise ValueError("profile `real` needs model_dir (DSD_MODEL_DIR) pointing at a local FLUX.1-dev directory")
+        if self.fuse_adapters and len(self.adapters) != 1:
+            raise ValueError(f"fuse_adapters needs exactly one adapter, {len(self.adapters)} are configured")
+        if self.default_adapter is not None and self.adapters and self.default_adapter not in self.adapters:
+            raise ValueError(
+                f"default_adapter {self.default_adapter!r} is not one of the configured adapters {sorted(self.adapters)}"
+            )
+        return self
+
+    @property
+    def resolved_profile(self) -> Literal["tiny", "real"]:
+        if self.profile == "auto":
+            return "real" if self.model_dir is not None else "tiny"
+        return self.profile
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)

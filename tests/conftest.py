@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from dsd_model import DSDPipeline
+from dsd_model.tiny import build_tiny_components
+from helpers import random_image
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """One tiny DSD pipeline for read-only use (tests that load adapters build their own)."""
+    pipe = DSDPipeline(**build_tiny_components())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def fresh_pipe():
+    pipe = DSDPipeline(**build_tiny_components())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def reference():
+    return random_image()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
