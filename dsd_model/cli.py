@@ -14,9 +14,9 @@ from .errors import InputError, WeightsError
 def _generate(args: argparse.Namespace) -> None:
     from .images import decode_image
     from .loading import TINY_NOTICE, adapter_for_mode, load_pipeline
-    from .settings import ModelSettings
+    from .settings import Settings
 
-    settings = ModelSettings()
+    settings = Settings()
     image = decode_image(args.image, "--image")
     pipe = load_pipeline(settings)
     pipe.set_progress_bar_config(disable=False, desc="denoising")

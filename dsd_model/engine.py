@@ -27,40 +27,10 @@ from typing import AsyncIterator, Callable, Literal
 from PIL import Image
 
 from . import metrics
-from .errors import InputError
+from .errors import DeadlineExceeded, Draining, InputError, InternalError, QueueFull, RequestCancelled
 from .pipeline import DenoiseState, DSDPipeline, GenerationRequest, validate_request
 
 logger = logging.getLogger(__name__)
-
-
-class EngineError(Exception):
-    """Base of the engine's request outcomes other than success."""
-
-
-class QueueFull(EngineError):
-    def __init__(self, depth: int, retry_after: float):
-        self.retry_after = retry_after
-        super().__init__(f"admission queue is full ({depth} waiting); retry after {retry_after:.0f} s")
-
-
-class Draining(EngineError):
-    def __init__(self):
-        super().__init__("the engine is shutting down and admits no new requests")
-
-
-class RequestCancelled(EngineError):
-    def __init__(self, request_id: str):
-        super().__init__(f"request {request_id} was cancelled")
-
-
-class DeadlineExceeded(EngineError):
-    def __init__(self, request_id: str, step: int, total: int):
-        super().__init__(f"request {request_id} passed its deadline at step {step} of {total}")
-
-
-class InternalError(EngineError):
-    def __init__(self, request_id: str):
-        super().__init__(f"internal error while generating request {request_id}; see the server log")
 
 
 @dataclass
@@ -216,12 +186,16 @@ class Engine:
     def draining(self) -> bool:
         return self._draining
 
-    def drain(self, timeout: float | None = None) -> bool:
-        """Stop admitting, let queued and running requests finish (deadlines still apply), stop the worker.
-        Returns False when `timeout` passed first; what was left is then cancelled."""
+    def stop_admitting(self) -> None:
+        """Refuse new requests from now on (`Draining`); queued and running ones continue."""
         with self._lock:
             self._draining = True
             self._lock.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop admitting, let queued and running requests finish (deadlines still apply), stop the worker.
+        Returns False when `timeout` passed first; what was left is then cancelled."""
+        self.stop_admitting()
         end = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._waiting or self._running:

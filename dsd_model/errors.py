@@ -1,7 +1,7 @@
-"""Errors raised for bad input.
+"""Errors of the model package, importable without torch so transports can map them.
 
 Every client fault is an `InputError`: it names the field, the offending value and the limit, so each transport can
-map it to a 4xx / INVALID_ARGUMENT without parsing messages.
+map it to a 4xx / INVALID_ARGUMENT without parsing messages. `EngineError`s are the other outcomes of a request.
 """
 
 from __future__ import annotations
@@ -18,3 +18,33 @@ class InputError(ValueError):
 
 class WeightsError(ValueError):
     """Model or adapter weights that are missing, malformed or do not fit the model."""
+
+
+class EngineError(Exception):
+    """Base of the engine's request outcomes other than success."""
+
+
+class QueueFull(EngineError):
+    def __init__(self, depth: int, retry_after: float):
+        self.retry_after = retry_after
+        super().__init__(f"admission queue is full ({depth} waiting); retry after {retry_after:.0f} s")
+
+
+class Draining(EngineError):
+    def __init__(self):
+        super().__init__("the engine is shutting down and admits no new requests")
+
+
+class RequestCancelled(EngineError):
+    def __init__(self, request_id: str):
+        super().__init__(f"request {request_id} was cancelled")
+
+
+class DeadlineExceeded(EngineError):
+    def __init__(self, request_id: str, step: int, total: int):
+        super().__init__(f"request {request_id} passed its deadline at step {step} of {total}")
+
+
+class InternalError(EngineError):
+    def __init__(self, request_id: str):
+        super().__init__(f"internal error while generating request {request_id}; see the server log")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import InputError, WeightsError
 from .pipeline import DSDPipeline
-from .settings import ModelSettings
+from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +19,9 @@ TINY_NOTICE = (
 )
 
 
-def load_pipeline(settings: ModelSettings | None = None) -> DSDPipeline:
+def load_pipeline(settings: Settings | None = None) -> DSDPipeline:
     """Load, move to the device and attach adapters. Nothing is downloaded: real weights must be on disk."""
-    settings = settings or ModelSettings()
+    settings = settings or Settings()
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     if settings.resolved_profile == "tiny":
         pipe = _tiny_pipeline()
@@ -51,7 +51,7 @@ def _tiny_pipeline() -> DSDPipeline:
     return pipe
 
 
-def _real_pipeline(settings: ModelSettings, dtype) -> DSDPipeline:
+def _real_pipeline(settings: Settings, dtype) -> DSDPipeline:
     from .convert import load_dsd_transformer
 
     model_dir = Path(settings.model_dir)

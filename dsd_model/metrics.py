@@ -18,7 +18,9 @@ STEP_DURATION = Histogram(
     "dsd_step_duration_seconds", "Time of one batched denoising step (one transformer forward).", buckets=STEP_SECONDS
 )
 BATCH_ROWS = Histogram("dsd_batch_rows", "Transformer rows per batched forward (batch occupancy).", buckets=ROWS)
-QUEUE_DEPTH = Gauge("dsd_queue_depth", "Requests waiting for a batch slot: the autoscaling signal.")
+QUEUE_DEPTH = Gauge(
+    "dsd_queue_depth", "Requests waiting for a batch slot: the autoscaling signal.", multiprocess_mode="livesum"
+)
 REQUESTS_REJECTED = Counter("dsd_requests_rejected_total", "Requests refused at admission.", ["reason"])
 REQUESTS_CANCELLED = Counter("dsd_requests_cancelled_total", "Requests cancelled by the client before finishing.")
 REQUESTS_TIMED_OUT = Counter("dsd_requests_timed_out_total", "Requests that passed their deadline.")

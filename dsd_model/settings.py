@@ -1,18 +1,21 @@
-"""One typed settings object for the model package, read once from the environment (prefix ``DSD_``)."""
+"""One typed settings object for every knob of the service, read once from the environment (prefix ``DSD_``).
+
+Secrets (the API key) and process plumbing come from the environment; everything else has a default that says why.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .limits import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
 
 
-class ModelSettings(BaseSettings):
-    """Where the weights are and how to run them.
+class Settings(BaseSettings):
+    """Where the weights are, how to run them, and the limits of the service.
 
     With no ``model_dir`` the embedded tiny profile is used: the real classes at a few hundred KB, built in-process
     from a fixed seed. It runs anywhere and produces noise-like images by design.
@@ -54,6 +57,29 @@ class ModelSettings(BaseSettings):
         512, ge=16, le=512, description="T5 prompt tokens; 512 is the official value and FLUX.1-dev's maximum."
     )
 
+    # ---- engine
+    max_batch_rows: int = Field(
+        8, ge=3, le=256, description="Transformer rows per batched forward (a true-CFG request counts 3); "
+        "8 keeps one H100 forward at the official canvas near its compute roofline without growing step latency much.",
+    )
+    max_queue: int = Field(
+        64, ge=0, le=100_000, description="Waiting requests per replica before 429; about a minute of work at the "
+        "official settings, so clients retry elsewhere instead of waiting minutes.",
+    )
+    batching: Literal["step", "request"] = Field("step", description="`request` = whole-request batching (comparison).")
+
+    # ---- transports
+    api_key: SecretStr | None = Field(None, description="When set, requests need `Authorization: Bearer <key>`.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC listen port (0 disables the gRPC server).")
+    grpc_host: str = Field("0.0.0.0", description="gRPC listen address.")
+    max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="Largest request body / reference upload.")
+    max_images: int = Field(4, ge=1, le=16, description="Images per request (each is one engine request).")
+    default_deadline_s: float = Field(300.0, gt=0, description="Deadline when a request sets none.")
+    max_deadline_s: float = Field(600.0, gt=0, description="Largest deadline a request may ask for.")
+    drain_timeout_s: float = Field(
+        660.0, gt=0, description="Shutdown waits this long for running work; longer than the largest deadline."
+    )
+
     @field_validator("size")
     @classmethod
     def _check_size(cls, value: int) -> int:
@@ -62,7 +88,7 @@ class ModelSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_real(self) -> "ModelSettings":
+    def _check_real(self) -> "Settings":
         if self.profile == "real" and self.model_dir is None:
             raise ValueError("profile `real` needs model_dir (DSD_MODEL_DIR) pointing at a local FLUX.1-dev directory")
         if self.fuse_adapters and len(self.adapters) != 1:
@@ -70,6 +96,11 @@ class ModelSettings(BaseSettings):
         if self.default_adapter is not None and self.adapters and self.default_adapter not in self.adapters:
             raise ValueError(
                 f"default_adapter {self.default_adapter!r} is not one of the configured adapters {sorted(self.adapters)}"
+            )
+        if self.drain_timeout_s <= self.max_deadline_s:
+            raise ValueError(
+                f"drain_timeout_s ({self.drain_timeout_s}) must exceed max_deadline_s ({self.max_deadline_s}) so that "
+                "shutdown never cuts a request that is still within its deadline"
             )
         return self
 

@@ -198,9 +198,11 @@ def build_real_size_transformer(
     torch.manual_seed(seed)
     config = dsd_transformer_config(FLUX_TRANSFORMER_CONFIG)
     config.update(num_layers=num_layers, num_single_layers=num_single_layers)
-    return FluxTransformer2DModel(**config).to(dtype).eval()
+    model = FluxTransformer2DModel(**config).eval()
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def build_real_size_vae(dtype: torch.dtype = torch.float32, seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
-    return AutoencoderKL(**FLUX_VAE_CONFIG).to(dtype).eval()
+    model = AutoencoderKL(**FLUX_VAE_CONFIG).eval()
+    return model if dtype == torch.float32 else model.to(dtype)

@@ -1,0 +1,171 @@
+"""What every transport shares: the loaded pipeline, its engine, and the request path between them.
+
+    transport → Runtime.submit(params, image bytes) → Submission (engine jobs) → result() / events() → encode
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from PIL import Image
+
+from dsd_model import GenerationRequest, InputError, limits
+from dsd_model.engine import Engine, EngineConfig, Event, Job, JobResult
+from dsd_model.images import decode_image
+from dsd_model.loading import TINY_NOTICE, adapter_for_mode, load_pipeline
+from dsd_model.settings import Settings
+
+from .schemas import GenerateParams
+
+logger = logging.getLogger(__name__)
+
+ENCODE_OPTIONS = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": 95}, "webp": {"format": "WEBP", "quality": 95}}
+
+
+def encode_image(image: Image.Image, output_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, **ENCODE_OPTIONS[output_format])
+    return buffer.getvalue()
+
+
+@dataclass
+class GenerationResult:
+    images: list[bytes]
+    seeds: list[int]
+    request_id: str
+    queue_seconds: float
+    run_seconds: float
+    total_seconds: float
+
+
+@dataclass
+class Submission:
+    """The engine jobs of one transport request (one per requested image)."""
+
+    params: GenerateParams
+    size: int
+    request_id: str
+    jobs: list[Job]
+    arrived: float
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(image index, event) for every job, as they happen, until all jobs ended."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, job: Job) -> None:
+            async for event in job.events():
+                await queue.put((index, event))
+            await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(self.jobs)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, event = await queue.get()
+                if event is None:
+                    remaining -= 1
+                else:
+                    yield index, event
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def result(self) -> GenerationResult:
+        """Wait for every image; if the wait is cancelled (client gone) the jobs are cancelled too."""
+        try:
+            results: list[JobResult] = await asyncio.gather(*(job.result() for job in self.jobs))
+        except BaseException:
+            self.cancel()
+            raise
+        images = await asyncio.to_thread(
+            lambda: [encode_image(r.image, self.params.output_format) for r in results]
+        )
+        return GenerationResult(
+            images=images,
+            seeds=[r.seed for r in results],
+            request_id=self.request_id,
+            queue_seconds=max(r.queue_seconds for r in results),
+            run_seconds=max(r.run_seconds for r in results),
+            total_seconds=time.monotonic() - self.arrived,
+        )
+
+
+class Runtime:
+    """One model replica: settings, pipeline and engine, started and drained with the server."""
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings()
+        self.pipe = load_pipeline(self.settings)
+        self.engine = Engine(
+            self.pipe,
+            EngineConfig(
+                max_batch_rows=self.settings.max_batch_rows,
+                max_queue=self.settings.max_queue,
+                batching=self.settings.batching,
+            ),
+        )
+
+    @property
+    def profile(self) -> str:
+        return self.pipe.profile
+
+    @property
+    def notice(self) -> str | None:
+        return TINY_NOTICE if self.profile == "tiny" else None
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def drain(self) -> bool:
+        return self.engine.drain(timeout=self.settings.drain_timeout_s)
+
+    async def submit(self, params: GenerateParams, image: bytes, request_id: str | None = None) -> Submission:
+        """Validate against the service limits, decode the reference, and queue one engine job per image.
+        Raises `InputError`, `QueueFull` or `Draining` at once."""
+        arrived = time.monotonic()
+        request_id = request_id or uuid.uuid4().hex
+        if params.num_images > self.settings.max_images:
+            raise InputError("num_images", f"{params.num_images} exceeds the limit of {self.settings.max_images}")
+        deadline_s = params.deadline_s if params.deadline_s is not None else self.settings.default_deadline_s
+        if deadline_s > self.settings.max_deadline_s:
+            raise InputError("deadline_s", f"{deadline_s} exceeds the limit of {self.settings.max_deadline_s} s")
+        if len(image) > self.settings.max_upload_bytes:
+            raise InputError("image", f"{len(image)} bytes exceeds the limit of {self.settings.max_upload_bytes}")
+        adapter = adapter_for_mode(self.pipe, params.mode)
+        reference = await asyncio.to_thread(decode_image, image, "image")
+        size = params.size if params.size is not None else self.settings.size
+        first_seed = params.seed if params.seed is not None else secrets.randbelow(limits.MAX_SEED)
+        jobs: list[Job] = []
+        try:
+            for index in range(params.num_images):
+                request = GenerationRequest(
+                    image=reference,
+                    prompt=params.prompt,
+                    negative_prompt=params.negative_prompt,
+                    num_inference_steps=params.steps,
+                    guidance_scale=params.guidance,
+                    image_guidance_scale=params.image_guidance,
+                    text_guidance_scale=params.text_guidance,
+                    size=size,
+                    seed=(first_seed + index) % (limits.MAX_SEED + 1),
+                    adapter=adapter,
+                )
+                jobs.append(
+                    self.engine.submit(request, deadline=arrived + deadline_s, request_id=f"{request_id}-{index}")
+                )
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+        return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived)

@@ -1,0 +1,66 @@
+"""The generation request and response of every transport, with their bounds in the types."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dsd_model import limits
+
+Mode = Literal["identity", "structure"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class GenerateParams(BaseModel):
+    """Everything but the reference image. Unknown fields are refused by name."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: Annotated[str, Field(min_length=1, max_length=limits.MAX_PROMPT_CHARS)]
+    negative_prompt: Annotated[str, Field(max_length=limits.MAX_PROMPT_CHARS)] = ""
+    mode: Mode = "identity"
+    steps: Annotated[int, Field(ge=limits.MIN_STEPS, le=limits.MAX_STEPS)] = 28
+    guidance: Annotated[float, Field(ge=limits.MIN_GUIDANCE, le=limits.MAX_GUIDANCE)] = 3.5
+    image_guidance: Annotated[float, Field(ge=limits.MIN_CFG, le=limits.MAX_CFG)] = 1.0
+    text_guidance: Annotated[float, Field(ge=limits.MIN_CFG, le=limits.MAX_CFG)] = 1.0
+    seed: Annotated[int, Field(ge=0, le=limits.MAX_SEED)] | None = None
+    size: Annotated[int, Field(ge=limits.MIN_SIZE, le=limits.MAX_SIZE, multiple_of=limits.SIZE_MULTIPLE)] | None = None
+    num_images: Annotated[int, Field(ge=1, le=16)] = 1
+    output_format: OutputFormat = "png"
+    deadline_s: Annotated[float, Field(gt=0)] | None = None
+
+
+class GenerateJSON(GenerateParams):
+    """The JSON body of `POST /generate`: the parameters plus the reference image as base64."""
+
+    image: Annotated[str, Field(min_length=1, description="reference image (PNG, JPEG or WebP), base64")]
+
+
+class Timings(BaseModel):
+    queue_s: float
+    run_s: float
+    total_s: float
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="generated images, base64, in `format`")
+    format: OutputFormat
+    seeds: list[int] = Field(description="the seed of each image; send it back to reproduce the image")
+    mode: Mode
+    size: int
+    profile: str = Field(description="`tiny` (embedded random components: noise-like images) or `real`")
+    request_id: str
+    timings: Timings
+    notice: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
