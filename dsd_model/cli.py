@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--lora-scale", type=float, default=1.0, help="scale of a folded LoRA (official: 1.0)")
     conv.set_defaults(handler=_convert)
 
+    from .data.cli import add_data_commands
+
+    data = sub.add_parser("data", help="self-distillation data: grid prompts, teacher grids, VLM curation, pairs")
+    add_data_commands(data.add_subparsers(dest="data_command", required=True))
     return parser
 
 

@@ -1,0 +1,165 @@
+"""`dsd data ...`: the self-distillation data pipeline from the command line.
+
+Every setting is a `DataSettings` field, read from `DSD_DATA_*` variables; a flag given on the command line wins.
+API keys are read from the environment only, so they never show in a process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import typing
+from typing import Literal
+
+from pydantic import ValidationError
+
+from ..errors import InputError
+from .assemble import build_pairs
+from .chat import ChatError
+from .curate import curate_grids
+from .grids import render_grids
+from .prompts import make_prompts
+from .settings import DataSettings
+
+_CHAT = (
+    "request_timeout_s",
+    "max_retries",
+    "backoff_s",
+    "max_backoff_s",
+    "max_reply_attempts",
+    "concurrency",
+    "cache",
+    "cache_dir",
+)
+_PROMPTS = (
+    "work_dir",
+    "layout",
+    "prompt_backend",
+    "caption_filter",
+    "llm_base_url",
+    "llm_model",
+    "llm_temperature",
+    "llm_max_tokens",
+    *_CHAT,
+)
+_GRIDS = (
+    "work_dir",
+    "layout",
+    "teacher_dir",
+    "width",
+    "height",
+    "num_inference_steps",
+    "guidance_scale",
+    "max_sequence_length",
+    "batch_size",
+    "grids_per_prompt",
+    "seed",
+    "shard_size",
+    "device",
+    "dtype",
+)
+_CURATE = ("work_dir", "vlm_base_url", "vlm_model", "vlm_temperature", "vlm_max_tokens", *_CHAT)
+_PAIRS = ("work_dir", "dataset_dir", "contact_sheet_limit")
+
+
+def add_data_commands(subparsers) -> None:
+    """Register `prompts`, `grids`, `curate`, `pairs` and `run` (all four in order) on an argparse subparsers object;
+    each sets `handler`, a function of the parsed namespace."""
+    prompts = subparsers.add_parser("prompts", help="captions → grid prompts (LLM, or the offline template)")
+    _add_caption_arguments(prompts)
+    _add_settings_flags(prompts, _PROMPTS)
+    prompts.set_defaults(handler=_prompts)
+
+    grids = subparsers.add_parser("grids", help="render the grid prompts with the FLUX teacher")
+    _add_settings_flags(grids, _GRIDS)
+    grids.set_defaults(handler=_grids)
+
+    curate = subparsers.add_parser("curate", help="judge every grid with a vision-language model")
+    _add_settings_flags(curate, _CURATE)
+    curate.set_defaults(handler=_curate)
+
+    pairs = subparsers.add_parser("pairs", help="accepted grids → paired dataset, summary and contact sheet")
+    _add_settings_flags(pairs, _PAIRS)
+    pairs.set_defaults(handler=_pairs)
+
+    run = subparsers.add_parser("run", help="all four stages in order (each resumes where it stopped)")
+    _add_caption_arguments(run)
+    _add_settings_flags(run, _PROMPTS + _GRIDS + _CURATE + _PAIRS)
+    run.set_defaults(handler=_run)
+
+
+def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--captions", required=True, help=".txt (one caption per line) or .jsonl file")
+    parser.add_argument("--caption-field", default="caption", help="caption key in .jsonl records (default: caption)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N captions")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    group = parser.add_argument_group("settings (flags override DSD_DATA_* environment variables)")
+    for name in dict.fromkeys(names):
+        field = DataSettings.model_fields[name]
+        flag, help = "--" + name.replace("_", "-"), f"{field.description} (default: {field.default})"
+        kind = next((a for a in typing.get_args(field.annotation) if a is not type(None)), field.annotation)
+        if field.annotation is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        elif typing.get_origin(field.annotation) is Literal:
+            group.add_argument(flag, choices=typing.get_args(field.annotation), default=None, help=help)
+        else:
+            group.add_argument(flag, type=kind, default=None, help=help)
+
+
+def _settings(args: argparse.Namespace) -> DataSettings:
+    given = {name: getattr(args, name) for name in DataSettings.model_fields if getattr(args, name, None) is not None}
+    try:
+        return DataSettings(**given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, InputError):
+            raise cause from exc
+        field = ".".join(map(str, error["loc"])) or "settings"
+        raise InputError(field, f"{error['msg'].removeprefix('Value error, ')} (got {error['input']!r})") from exc
+
+
+def _command(handler):
+    """A handler that keeps httpx's per-request log lines out of the progress bars and turns a server that cannot
+    serve into a one-line error."""
+
+    def handle(args: argparse.Namespace) -> None:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        try:
+            handler(args)
+        except ChatError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+
+    return handle
+
+
+@_command
+def _prompts(args: argparse.Namespace) -> None:
+    print(make_prompts(_settings(args), args.captions, args.caption_field, args.limit))
+
+
+@_command
+def _grids(args: argparse.Namespace) -> None:
+    print(render_grids(_settings(args)))
+
+
+@_command
+def _curate(args: argparse.Namespace) -> None:
+    print(curate_grids(_settings(args)))
+
+
+@_command
+def _pairs(args: argparse.Namespace) -> None:
+    print(json.dumps(build_pairs(_settings(args)), indent=2))
+
+
+@_command
+def _run(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    print(make_prompts(settings, args.captions, args.caption_field, args.limit))
+    print(render_grids(settings))
+    print(curate_grids(settings))
+    print(json.dumps(build_pairs(settings), indent=2))

@@ -1,0 +1,175 @@
+"""One typed settings object for the data pipeline, read from the environment (prefix ``DSD_DATA_``) and overridden
+by command-line flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..errors import InputError
+from .layout import GridLayout, parse_layout
+
+PIXEL_MULTIPLE = 16
+"""FLUX renders sizes in 16-pixel steps (VAE factor 8 times 2x2 packing) and silently resizes anything else."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One OpenAI-compatible chat model; `role` ("llm" or "vlm") names the settings fields in error messages."""
+
+    role: str
+    base_url: str
+    model: str
+    api_key: str | None
+    temperature: float
+    max_tokens: int
+
+
+class DataSettings(BaseSettings):
+    """Every knob of `dsd data`: where files go, the chat servers, the teacher and the grid geometry."""
+
+    model_config = SettingsConfigDict(env_prefix="DSD_DATA_", extra="ignore")
+
+    work_dir: Path = Field(
+        Path("outputs/data"), description="Directory holding every stage's manifest and images; resumable in place."
+    )
+    dataset_dir: Path | None = Field(
+        None, description="Where `pairs` writes the training dataset; defaults to <work_dir>/dataset."
+    )
+
+    prompt_backend: Literal["auto", "llm", "template"] = Field(
+        "auto",
+        description="`llm` writes grid prompts with the chat model; `template` is offline and deterministic; "
+        "`auto` = llm when llm_base_url is set, else template.",
+    )
+    caption_filter: bool = Field(
+        False, description="Ask the LLM first whether a caption has one clear subject, and drop those without."
+    )
+    llm_base_url: str | None = Field(
+        None, description="OpenAI-compatible API root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1."
+    )
+    llm_model: str | None = Field(None, description="Model name the LLM server expects.")
+    llm_api_key: SecretStr | None = Field(None, description="Bearer token; local servers usually need none.")
+    llm_temperature: float = Field(0.8, ge=0, le=2, description="Some randomness gives varied panel content.")
+    llm_max_tokens: int = Field(1024, ge=16, description="Room for a subject and a sentence per panel.")
+    vlm_base_url: str | None = Field(None, description="Defaults to llm_base_url (one server serving both models).")
+    vlm_model: str | None = Field(None, description="Vision-language model name; it must accept image inputs.")
+    vlm_api_key: SecretStr | None = Field(None, description="Defaults to llm_api_key.")
+    vlm_temperature: float = Field(0.0, ge=0, le=2, description="A judge should answer the same way every time.")
+    vlm_max_tokens: int = Field(2048, ge=16, description="Room for the chain of thought before the verdict.")
+
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Per request; a VLM reasoning over a 1024 px grid on a local server can take a minute."
+    )
+    max_retries: int = Field(5, ge=0, description="Retries after a timeout, a connection error, HTTP 408, 429 or 5xx.")
+    backoff_s: float = Field(1.0, ge=0, description="First retry delay, doubled each time (with jitter).")
+    max_backoff_s: float = Field(60.0, ge=0, description="Cap on any retry delay, Retry-After included.")
+    max_reply_attempts: int = Field(
+        3, ge=1, description="Tries for a usable reply (the model is told what was wrong) before recording a failure."
+    )
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once; hosted APIs rate-limit beyond a few.")
+    cache: bool = Field(True, description="Keep every reply on disk so a rerun never asks the same question twice.")
+    cache_dir: Path | None = Field(None, description="Reply cache; defaults to <work_dir>/cache.")
+
+    teacher_dir: Path | None = Field(
+        None,
+        description="Local FLUX.1-dev directory (diffusers layout), never downloaded. Unset: the tiny built-in "
+        "teacher, which renders noise-like grids (for trying the pipeline only).",
+    )
+    layout: str = Field("2x2", description="COLUMNSxROWS panels per grid; the paper renders 2x2.")
+    width: int = Field(1024, ge=PIXEL_MULTIPLE, description="Grid width in pixels; 1024 gives 512 px panels in 2x2.")
+    height: int = Field(1024, ge=PIXEL_MULTIPLE, description="Grid height in pixels.")
+    num_inference_steps: int = Field(28, ge=1, le=100, description="FLUX.1-dev's usual step count.")
+    guidance_scale: float = Field(3.5, ge=0, le=20, description="FLUX.1-dev's distilled guidance default.")
+    max_sequence_length: int = Field(512, ge=16, le=512, description="T5 tokens; grid prompts are long.")
+    batch_size: int = Field(4, ge=1, description="Grids per teacher call.")
+    grids_per_prompt: int = Field(1, ge=1, description="Grids rendered per prompt, each with its own seed.")
+    seed: int = Field(0, ge=0, description="Base seed; each grid's seed is derived from it and the grid id.")
+    shard_size: int = Field(1000, ge=1, description="Grid images per subdirectory, so no directory grows huge.")
+    device: str = Field("auto", description="`auto` = cuda when available, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="`auto` = bfloat16 on cuda (FLUX.1-dev's training precision), float32 on cpu."
+    )
+
+    contact_sheet_limit: int = Field(32, ge=1, description="Grids shown per section (accepted, rejected).")
+
+    @field_validator("layout")
+    @classmethod
+    def _check_layout(cls, value: str) -> str:
+        return str(parse_layout(value))
+
+    @field_validator("width", "height")
+    @classmethod
+    def _check_pixels(cls, value: int) -> int:
+        if value % PIXEL_MULTIPLE:
+            raise ValueError(f"must be a multiple of {PIXEL_MULTIPLE}")
+        return value
+
+    @field_validator("llm_base_url", "vlm_base_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> DataSettings:
+        self.grid_layout.panel_size(self.width, self.height)
+        return self
+
+    @property
+    def grid_layout(self) -> GridLayout:
+        return parse_layout(self.layout)
+
+    @property
+    def resolved_prompt_backend(self) -> Literal["llm", "template"]:
+        if self.prompt_backend == "auto":
+            return "llm" if self.llm_base_url else "template"
+        return self.prompt_backend
+
+    @property
+    def resolved_cache_dir(self) -> Path | None:
+        return (self.cache_dir or self.work_dir / "cache") if self.cache else None
+
+    @property
+    def resolved_dataset_dir(self) -> Path:
+        return self.dataset_dir or self.work_dir / "dataset"
+
+    def endpoint(self, role: Literal["llm", "vlm"]) -> Endpoint:
+        base_url = getattr(self, f"{role}_base_url") or (self.llm_base_url if role == "vlm" else None)
+        key = getattr(self, f"{role}_api_key") or (self.llm_api_key if role == "vlm" else None)
+        model = getattr(self, f"{role}_model")
+        if not base_url:
+            raise InputError(
+                f"{role}_base_url",
+                f"is not set: give --{role}-base-url or DSD_DATA_{role.upper()}_BASE_URL, the root of an "
+                "OpenAI-compatible API such as http://127.0.0.1:8000/v1",
+            )
+        if not model:
+            raise InputError(f"{role}_model", f"is not set: give --{role}-model or DSD_DATA_{role.upper()}_MODEL")
+        return Endpoint(
+            role=role,
+            base_url=base_url,
+            model=model,
+            api_key=key.get_secret_value() if key else None,
+            temperature=getattr(self, f"{role}_temperature"),
+            max_tokens=getattr(self, f"{role}_max_tokens"),
+        )
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)
