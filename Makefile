@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 3000
 
 .PHONY: setup serve test bench clean
 
@@ -14,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: setup
-	$(VENV)/bin/dsd generate --image tests/assets/reference.png --prompt "the same toy on a beach" --out outputs/demo.png
+	BENTOML_DO_NOT_TRACK=True $(VENV)/bin/bentoml serve service:DSDService --host $(HOST) --port $(PORT)
 
 test: setup
 	$(PY) -m pytest -q
