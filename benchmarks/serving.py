@@ -1,0 +1,136 @@
+"""Serving benchmarks on the tiny profile (CPU), each ratio measured side by side in one run.
+
+1. HTTP overhead: end-to-end `POST /generate` p50 on the real BentoML server against the in-process pipeline p50
+   for the same request (goal: ratio <= 1.10).
+2. Step-level against whole-request batching: the same seeded, staggered (Poisson) arrival pattern at ~80% of the
+   whole-request engine's saturated throughput; p50/p99 latency and throughput (goals: p50 <= 0.6x, throughput
+   >= 1.0x).
+
+    python benchmarks/serving.py [--requests 60] [--http-runs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from dsd_model import GenerationRequest
+from dsd_model.engine import Engine, EngineConfig
+from dsd_model.loading import load_pipeline
+from dsd_model.settings import Settings
+from dsd_serve.local import ROOT, start_service, wait_ready
+
+REFERENCE = ROOT / "tests" / "assets" / "reference.png"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def http_overhead(runs: int, size: int, steps: int) -> None:
+    """In-process and HTTP runs alternate, so both see the same background load."""
+    pipe = load_pipeline(Settings(profile="tiny"))
+    image = Image.open(REFERENCE).convert("RGB")
+    prompt = "the same toy on a beach"
+    payload = dict(image=base64.b64encode(REFERENCE.read_bytes()).decode(), prompt=prompt, steps=steps, size=size)
+    local, remote = [], []
+    with tempfile.TemporaryDirectory() as workdir:
+        server = start_service(Path(workdir))
+        try:
+            wait_ready(server)
+            with httpx.Client(timeout=600) as client:
+                for seed in range(-1, runs):
+                    start = time.perf_counter()
+                    pipe(image, prompt, num_inference_steps=steps, size=size, seed=max(seed, 0), adapter="identity")
+                    middle = time.perf_counter()
+                    client.post(f"{server.url}/generate", json=payload | {"seed": max(seed, 0)}).raise_for_status()
+                    if seed >= 0:
+                        local.append(middle - start)
+                        remote.append(time.perf_counter() - middle)
+        finally:
+            server.stop()
+    p50_local, p50_http = statistics.median(local), statistics.median(remote)
+    print(f"\n1. HTTP end-to-end vs in-process pipeline: size {size}, {steps} steps, {runs} alternating pairs")
+    print(f"{'path':<22} {'p50 s':>8} {'p90 s':>8}")
+    print(f"{'in-process pipeline':<22} {p50_local:>8.3f} {percentile(local, 0.9):>8.3f}")
+    print(f"{'HTTP POST /generate':<22} {p50_http:>8.3f} {percentile(remote, 0.9):>8.3f}")
+    print(f"overhead ratio (HTTP p50 / in-process p50): {p50_http / p50_local:.3f}  (goal <= 1.10)")
+
+
+def workload(count: int, seed: int) -> list[GenerationRequest]:
+    rng = random.Random(seed)
+    image = Image.open(REFERENCE).convert("RGB")
+    return [
+        GenerationRequest(
+            image=image, prompt=f"the same toy, scene {i}", num_inference_steps=rng.choice([8, 16, 28]), size=64,
+            seed=i, image_guidance_scale=rng.choice([1.0, 1.0, 1.0, 1.5]), adapter="identity",
+        )
+        for i in range(count)
+    ]
+
+
+def run_engine(mode: str, requests: list[GenerationRequest], arrivals: list[float]) -> tuple[list[float], float]:
+    """Submit each request at its arrival offset; return per-request latencies and the makespan."""
+    pipe = load_pipeline(Settings(profile="tiny"))
+    engine = Engine(pipe, EngineConfig(max_batch_rows=8, max_queue=10_000, batching=mode))
+    engine.start()
+    start = time.monotonic()
+    jobs = []
+    for request, offset in zip(requests, arrivals):
+        delay = start + offset - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        jobs.append(engine.submit(request))
+    for job in jobs:
+        job.future.result()
+    makespan = max(job.finished for job in jobs) - start
+    engine.drain(timeout=10)
+    return [job.finished - job.submitted for job in jobs], makespan
+
+
+def batching(count: int) -> None:
+    requests = workload(count, seed=1)
+    _, saturated = run_engine("request", requests, [0.0] * count)
+    capacity = count / saturated
+    rate = 0.8 * capacity
+    rng = random.Random(2)
+    arrivals, t = [], 0.0
+    for _ in requests:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    results = {mode: run_engine(mode, requests, arrivals) for mode in ("request", "step")}
+    print(f"\n2. step-level vs whole-request batching: {count} requests (8/16/28 steps, 1 in 4 with true CFG),")
+    print(f"   Poisson arrivals at {rate:.2f} req/s = 80% of whole-request saturated throughput "
+          f"({capacity:.2f} req/s), max 8 rows per forward")
+    print(f"{'batching':<15} {'p50 s':>8} {'p99 s':>8} {'throughput req/s':>17}")
+    for mode, (latencies, makespan) in results.items():
+        print(f"{mode:<15} {percentile(latencies, 0.5):>8.3f} {percentile(latencies, 0.99):>8.3f} "
+              f"{count / makespan:>17.2f}")
+    (whole, whole_span), (step, step_span) = results["request"], results["step"]
+    print(f"p50 ratio step/whole: {percentile(step, 0.5) / percentile(whole, 0.5):.2f} (goal <= 0.6); "
+          f"p99 ratio: {percentile(step, 0.99) / percentile(whole, 0.99):.2f}; "
+          f"throughput ratio: {whole_span / step_span:.2f} (goal >= 1.0)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--http-runs", type=int, default=15)
+    parser.add_argument("--size", type=int, default=512, help="HTTP benchmark canvas side (official: 512)")
+    parser.add_argument("--steps", type=int, default=28, help="HTTP benchmark steps (official: 28)")
+    args = parser.parse_args()
+    http_overhead(args.http_runs, args.size, args.steps)
+    batching(args.requests)
+
+
+if __name__ == "__main__":
+    main()
