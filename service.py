@@ -3,6 +3,8 @@
 Resources and traffic live in the decorator; the model loads on a background thread after the server starts, so
 `/livez` answers during a long load and `/readyz` turns ready only after the engine's warm-up. On SIGTERM the
 engine stops admitting at once (503 with Retry-After), in-flight requests finish, then the engine drains.
+The gRPC server (`DSD_GRPC_PORT`, 0 disables it) shares the runtime and listens from the start; its health is
+SERVING only between the warm-up and SIGTERM, and it stops after the engine drained.
 
     BENTOML_DO_NOT_TRACK=True bentoml serve service:DSDService --port 3000
 """
@@ -15,6 +17,8 @@ import threading
 
 import bentoml
 
+from dsd_model.settings import Settings
+from dsd_serve.grpc_server import GrpcServer
 from dsd_serve.http import create_app
 
 logger = logging.getLogger("dsd_serve")
@@ -25,12 +29,18 @@ app = create_app()
 @bentoml.service(name="dsd", workers=1, traffic={"timeout": 900, "concurrency": 256})
 class DSDService:
     def __init__(self) -> None:
+        self.settings = Settings()
         self.runtime = None
         self.load_failed = False
+        self.grpc = GrpcServer(self.settings) if self.settings.grpc_port else None
+        if self.grpc is not None:
+            self.grpc.start()
         threading.Thread(target=self._load, name="dsd-load", daemon=True).start()
         previous = signal.getsignal(signal.SIGTERM)
 
         def stop_admitting(signum, frame):
+            if self.grpc is not None:
+                self.grpc.stop_serving()
             if self.runtime is not None:
                 self.runtime.engine.stop_admitting()
             if callable(previous):
@@ -42,7 +52,7 @@ class DSDService:
         from dsd_serve.runtime import Runtime
 
         try:
-            runtime = Runtime()
+            runtime = Runtime(self.settings)
             runtime.start()
         except Exception:
             logger.exception("loading the model failed")
@@ -50,6 +60,8 @@ class DSDService:
             return
         self.runtime = runtime
         app.state.runtime = runtime
+        if self.grpc is not None:
+            self.grpc.attach(runtime)
         logger.info("ready: profile %s, adapters %s", runtime.profile, runtime.pipe.adapters.names)
 
     def __is_ready__(self) -> bool:
@@ -60,6 +72,10 @@ class DSDService:
 
     @bentoml.on_shutdown
     def drain(self) -> None:
+        if self.grpc is not None:
+            self.grpc.stop_serving()
         if self.runtime is not None:
             clean = self.runtime.drain()
             logger.info("engine drained (%s)", "clean" if clean else "timed out; the rest was cancelled")
+        if self.grpc is not None:
+            self.grpc.stop()

@@ -1,0 +1,73 @@
+"""Conversion between the dsd.v1 proto messages and the internal types: the one module that knows both.
+
+Requests become `GenerateParams`, the model HTTP validates with, so both transports accept the same values and name
+the same field and limit when refusing one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .grpc_stubs import dsd_pb2 as pb
+from .schemas import GenerateParams
+
+if TYPE_CHECKING:
+    from dsd_model.engine import Event
+
+    from .runtime import GenerationResult, Runtime, Submission
+
+MODES = {pb.MODE_IDENTITY: "identity", pb.MODE_STRUCTURE: "structure"}
+FORMATS = {pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_JPEG: "jpeg", pb.OUTPUT_FORMAT_WEBP: "webp"}
+MODE_VALUES = {name: value for value, name in MODES.items()}
+FORMAT_VALUES = {name: value for value, name in FORMATS.items()}
+OPTIONAL_FIELDS = ("steps", "guidance", "image_guidance", "text_guidance", "seed", "size", "num_images")
+"""Fields whose absence means the default; the others default when they hold proto3's zero value."""
+
+
+def to_params(request: pb.GenerateRequest, time_remaining: float | None, max_deadline_s: float) -> GenerateParams:
+    """The request's parameters; the call's remaining time, capped at `max_deadline_s`, becomes the deadline.
+    Raises pydantic's `ValidationError` naming the field and the limit. An enum value this server does not know is
+    passed on as its number, so validation names the accepted values."""
+    fields = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+    fields.update({name: getattr(request, name) for name in OPTIONAL_FIELDS if request.HasField(name)})
+    if request.mode != pb.MODE_UNSPECIFIED:
+        fields["mode"] = MODES.get(request.mode, request.mode)
+    if request.output_format != pb.OUTPUT_FORMAT_UNSPECIFIED:
+        fields["output_format"] = FORMATS.get(request.output_format, request.output_format)
+    if time_remaining is not None:
+        fields["deadline_s"] = min(time_remaining, max_deadline_s)
+    return GenerateParams.model_validate(fields)
+
+
+def mode_label(request: pb.GenerateRequest) -> str:
+    """The request's mode for metrics labels, `unknown` when it is not one of ours."""
+    return MODES.get(request.mode or pb.MODE_IDENTITY, "unknown")
+
+
+def to_response(result: GenerationResult, submission: Submission, runtime: Runtime) -> pb.GenerateResponse:
+    params = submission.params
+    return pb.GenerateResponse(
+        images=result.images,
+        format=FORMAT_VALUES[params.output_format],
+        seeds=result.seeds,
+        mode=MODE_VALUES[params.mode],
+        size=submission.size,
+        profile=runtime.profile,
+        request_id=submission.request_id,
+        timings=pb.Timings(queue_s=result.queue_seconds, run_s=result.run_seconds, total_s=result.total_seconds),
+        notice=runtime.notice or "",
+    )
+
+
+def to_result_event(result: GenerationResult, submission: Submission, runtime: Runtime) -> pb.GenerateEvent:
+    return pb.GenerateEvent(result=to_response(result, submission, runtime))
+
+
+def to_event(image_index: int, event: Event) -> pb.GenerateEvent | None:
+    """The stream message for an engine event; None for the events the stream does not carry (`started`, `done`:
+    the result follows; `failed`: the status follows)."""
+    if event.kind == "queued":
+        return pb.GenerateEvent(queued=pb.Queued(image_index=image_index, position=event.position))
+    if event.kind == "step":
+        return pb.GenerateEvent(step=pb.Step(image_index=image_index, step=event.step, total=event.total))
+    return None

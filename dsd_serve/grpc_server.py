@@ -1,0 +1,257 @@
+"""The gRPC transport: `dsd.v1.DSDService` on grpc.aio, in the process of the HTTP server and sharing its runtime.
+
+    call → StatusInterceptor (request id, API key, error → status, latency metric)
+         → DSDServicer (proto → GenerateParams → Runtime.submit → result or progress events → proto)
+
+The server runs on its own thread and event loop, so it answers health checks while the model loads and while the
+HTTP side drains. The contract, status codes included, is `proto/dsd/v1/dsd.proto`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+import uuid
+from contextlib import aclosing, asynccontextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import SecretStr, ValidationError
+
+from dsd_model import limits, metrics
+from dsd_model.errors import DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
+from dsd_model.settings import Settings
+
+from . import grpc_convert as convert
+from .grpc_stubs import dsd_pb2, dsd_pb2_grpc
+from .http import REQUEST_ID
+
+if TYPE_CHECKING:
+    from .runtime import Runtime, Submission
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = dsd_pb2.DESCRIPTOR.services_by_name["DSDService"].full_name
+RETRY_UNAVAILABLE_S = "5"
+"""Retry hint while loading or draining: about a readiness-probe period."""
+REQUEST_OVERHEAD = 64 * 1024
+"""Room beside the reference image for the other request fields (two prompts of at most 2000 characters)."""
+IMAGE_BYTES = 3 * limits.MAX_SIZE**2 + 64 * 1024
+"""Largest encoded output image: raw RGB at the largest size plus PNG's row filters and zlib framing."""
+DEADLINE_SLACK_S = 0.25
+"""A call cancelled this close to its deadline counts as timed out: the client's side of the deadline fires first, and
+its cancellation reaches the server up to one network delay before the server's own copy of the deadline passes."""
+STOP_GRACE_S = 10.0
+"""Stopping waits this long for calls in flight; it comes after the engine drained, so they only encode and send.
+Health Watch streams stay open until it ends."""
+
+current_request_id: ContextVar[str] = ContextVar("current_request_id")
+"""The request id of the call being handled, set by the interceptor for the servicer."""
+
+
+class RpcFault(Exception):
+    """A refusal decided by this transport itself (authentication, readiness)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, outcome: str, metadata: tuple = ()):
+        self.code, self.message, self.outcome, self.metadata = code, message, outcome, metadata
+        super().__init__(message)
+
+
+def status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str, tuple, str]:
+    """The status code, message, extra trailing metadata and metrics outcome of a failed call: the one error mapping
+    of this transport. Server faults are logged with the request id."""
+    if isinstance(exc, RpcFault):
+        return exc.code, exc.message, exc.metadata, exc.outcome
+    if isinstance(exc, InputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), (("field", exc.field),), "invalid_argument"
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        return grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {first['msg']}", (("field", field),), "invalid_argument"
+    if isinstance(exc, QueueFull):
+        retry = (("retry-after-s", str(int(exc.retry_after))),)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), retry, "rejected"
+    if isinstance(exc, Draining):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), (("retry-after-s", RETRY_UNAVAILABLE_S),), "rejected"
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), (), "timeout"
+    if isinstance(exc, RequestCancelled):
+        return grpc.StatusCode.CANCELLED, str(exc), (), "cancelled"
+    logger.error("request %s failed", request_id, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error; quote request id {request_id} when reporting it", (), "error"
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Around every DSDService call (health and reflection pass untouched): names the request, checks the API key,
+    turns any failure into its status with `status_for`, and records the latency by outcome."""
+
+    def __init__(self, api_key: SecretStr | None):
+        self.api_key = api_key
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+        )
+
+    def _wrap_unary(self, behavior):
+        async def unary(request, context):
+            async with self._call(request, context):
+                return await behavior(request, context)
+
+        return unary
+
+    def _wrap_stream(self, behavior):
+        async def stream(request, context):
+            async with self._call(request, context), aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream
+
+    @asynccontextmanager
+    async def _call(self, request, context):
+        started = time.monotonic()
+        supplied = dict(context.invocation_metadata()).get("x-request-id", "")
+        request_id = supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        current_request_id.set(request_id)
+        trailing = (("x-request-id", request_id),)
+        context.set_trailing_metadata(trailing)
+        outcome = "ok"
+        try:
+            self._authenticate(context)
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            remaining = context.time_remaining()
+            outcome = "timeout" if remaining is not None and remaining < DEADLINE_SLACK_S else "cancelled"
+            raise
+        except Exception as exc:
+            code, message, metadata, outcome = status_for(exc, request_id)
+            await context.abort(code, message, trailing_metadata=trailing + metadata)
+        finally:
+            labels = dict(transport="grpc", mode=convert.mode_label(request), outcome=outcome)
+            metrics.REQUEST_DURATION.labels(**labels).observe(time.monotonic() - started)
+
+    def _authenticate(self, context) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = dict(context.invocation_metadata()).get("authorization", "").partition(" ")
+        key = self.api_key.get_secret_value()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+            raise RpcFault(grpc.StatusCode.UNAUTHENTICATED,
+                           "missing or wrong API key; send metadata `authorization: Bearer <key>`", "unauthenticated")
+
+
+class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
+    """Converts, submits to the runtime, converts back; every failure is raised for the interceptor to map."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.runtime: Runtime | None = None
+        """Set by `GrpcServer.attach` once the model is loaded."""
+
+    async def _submit(self, request: dsd_pb2.GenerateRequest, context) -> tuple[Runtime, Submission]:
+        runtime = self.runtime
+        if runtime is None or not runtime.engine.ready:
+            raise RpcFault(grpc.StatusCode.UNAVAILABLE, "the model is loading or the server is draining", "unavailable",
+                           (("retry-after-s", RETRY_UNAVAILABLE_S),))
+        params = convert.to_params(request, context.time_remaining(), self.settings.max_deadline_s)
+        submission = await runtime.submit(params, request.image, request_id=current_request_id.get())
+        return runtime, submission
+
+    async def Generate(self, request, context):
+        runtime, submission = await self._submit(request, context)
+        result = await submission.result()
+        return convert.to_response(result, submission, runtime)
+
+    async def GenerateStream(self, request, context):
+        runtime, submission = await self._submit(request, context)
+        try:
+            async with aclosing(submission.events()) as events:
+                async for index, event in events:
+                    if event.kind == "failed":
+                        break
+                    message = convert.to_event(index, event)
+                    if message is not None:
+                        yield message
+            result = await submission.result()
+        except BaseException:
+            submission.cancel()
+            raise
+        yield convert.to_result_event(result, submission, runtime)
+
+
+class GrpcServer:
+    """The gRPC server on its own thread and event loop. `start` listens at once with health NOT_SERVING; `attach`
+    hands it the loaded runtime and turns health SERVING; `stop_serving` turns health NOT_SERVING for good (on
+    SIGTERM); `stop` lets calls in flight finish and closes. Every method may be called from any thread."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.servicer = DSDServicer(settings)
+        self.port: int | None = None
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="dsd-grpc", daemon=True)
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def start(self) -> int:
+        """Listen on `grpc_host:grpc_port`; returns the bound port."""
+        self._thread.start()
+        self.port = self._run(self._start())
+        logger.info("gRPC %s listening on %s:%d", SERVICE_NAME, self.settings.grpc_host, self.port)
+        return self.port
+
+    async def _start(self) -> int:
+        self._server = grpc.aio.server(
+            interceptors=[StatusInterceptor(self.settings.api_key)],
+            options=[
+                ("grpc.max_receive_message_length", self.settings.max_upload_bytes + REQUEST_OVERHEAD),
+                ("grpc.max_send_message_length", self.settings.max_images * IMAGE_BYTES + REQUEST_OVERHEAD),
+            ],
+        )
+        dsd_pb2_grpc.add_DSDServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        port = self._server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        await self._server.start()
+        return port
+
+    async def _set_health(self, status) -> None:
+        for name in (health.OVERALL_HEALTH, SERVICE_NAME):
+            await self._health.set(name, status)
+
+    def attach(self, runtime: Runtime) -> None:
+        """Serve `runtime` (loaded and warmed up) from now on."""
+        self.servicer.runtime = runtime
+        self._run(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+
+    def stop_serving(self) -> None:
+        """Health NOT_SERVING from now on, so balancers send no new calls; calls still reach the servicer. It does not
+        wait for the server's loop, so a signal handler may call it at any moment, even while `stop` runs."""
+        if not self._loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._health.enter_graceful_shutdown(), self._loop)
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """Refuse new calls, give those in flight `grace` seconds, then close the server and its loop."""
+        self._run(self._health.enter_graceful_shutdown())
+        self._run(self._server.stop(grace))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
