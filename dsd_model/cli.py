@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="self-distillation data: grid prompts, teacher grids, VLM curation, pairs")
     add_data_commands(data.add_subparsers(dest="data_command", required=True))
+
+    from .training.cli import add_train_command
+
+    add_train_command(sub)
     return parser
 
 

@@ -1,3 +1,9 @@
+import os
+
+# One intra-op thread per process: the suite runs servers beside the test process on two cores, and OpenMP
+# threads that spin while their partner is descheduled make tiny models many times slower.
+os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
 import torch
 

@@ -1,0 +1,145 @@
+"""Checkpoints for exact resume.
+
+    <output_dir>/checkpoints/step-0000500/
+        trainable.safetensors   every trainable parameter, by name, in its training dtype
+        state.pt                step, optimizer, LR scheduler and (fp16) gradient-scaler state
+        rng-<process>.pt        each process's global torch RNG state (LoRA dropout draws from it)
+        config.json             the settings of the run that wrote it
+
+The data position and the per-batch noise follow from the step (`dataset.sample_indices`, `derive_seed`), so they
+need no state of their own. A checkpoint is written under a temporary name and renamed when complete, so an
+interrupted save never looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .errors import CheckpointError
+
+PREFIX = "step-"
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    directory = checkpoints_dir(output_dir)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and re.fullmatch(PREFIX + r"\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    config: TrainConfig,
+    step: int,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+) -> Path:
+    final = checkpoints_dir(config.output_dir) / f"{PREFIX}{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        torch.save(
+            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler},
+            tmp / "state.pt",
+        )
+        (tmp / "config.json").write_text(config.model_dump_json(indent=2))
+    accelerator.wait_for_everyone()
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in list_checkpoints(config.output_dir)[: -config.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def checkpoint_to_resume(config: TrainConfig) -> Path | None:
+    """The checkpoint `config.resume_from` names, checked to exist and to come from a run with the same settings.
+    A new run refuses an output directory holding another run's checkpoints, which it would mix with its own."""
+    found = list_checkpoints(config.output_dir)
+    if config.resume_from is None:
+        if found:
+            raise CheckpointError(
+                f"output_dir {str(config.output_dir)!r} holds checkpoints of an earlier run (newest "
+                f"{found[-1].name}); set resume_from='latest' to continue it, or choose another output_dir"
+            )
+        return None
+    if config.resume_from == "latest":
+        if not found:
+            raise CheckpointError(
+                f"resume_from='latest' but {str(checkpoints_dir(config.output_dir))!r} holds no checkpoint; "
+                "unset resume_from to start a new run"
+            )
+        path = found[-1]
+    else:
+        path = Path(config.resume_from)
+        if not (path / "state.pt").is_file():
+            raise CheckpointError(f"resume_from {str(path)!r} is not a checkpoint directory (no state.pt)")
+    _check_same_settings(path, config)
+    return path
+
+
+def _check_same_settings(path: Path, config: TrainConfig) -> None:
+    try:
+        saved = TrainConfig.model_validate_json((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no readable config.json: {exc}") from exc
+    changed = [
+        name for name in TrainConfig.model_fields
+        if name not in RESUMABLE_CHANGES and getattr(saved, name) != getattr(config, name)
+    ]
+    if changed:
+        details = ", ".join(f"{n}: {getattr(saved, n)!r} -> {getattr(config, n)!r}" for n in changed)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was written with other settings ({details}); resume with the same settings "
+            "or start a new run"
+        )
+
+
+def load_checkpoint(
+    path: Path,
+    accelerator: Accelerator,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+) -> int:
+    """Restore a checkpoint into the live training objects; return its step."""
+    try:
+        tensors = load_file(str(path / "trainable.safetensors"))
+        state = torch.load(path / "state.pt", weights_only=True)
+        rng = torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True)
+    except Exception as exc:  # a damaged file surfaces as one of many error types
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {exc}") from exc
+    if set(tensors) != set(params):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds other trainable parameters than this model has")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(state["step"])

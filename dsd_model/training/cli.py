@@ -1,0 +1,82 @@
+"""`dsd train`: one option per `TrainConfig` field (`--max-steps`, `--rank`, ...), read from a JSON file with
+`--config` and overridden by the options given. The base model is the tiny profile unless `--model-dir` names a
+local FLUX.1-dev directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..errors import WeightsError
+from .config import TrainConfig
+from .errors import TrainingError
+
+TINY_NOTE = (
+    "training the built-in tiny model (random weights, a few hundred KB): the adapter fits only the tiny profile. "
+    "Pass --model-dir to train on FLUX.1-dev."
+)
+
+
+def add_train_command(subparsers) -> argparse.ArgumentParser:
+    """Register `train` on the `dsd` command's subparsers; its handler is `run_train(args)`."""
+    parser = subparsers.add_parser("train", help="train a DSD LoRA adapter on a paired dataset", description=__doc__)
+    parser.add_argument("dataset", type=Path, help=TrainConfig.model_fields["dataset"].description)
+    parser.add_argument("--config", type=Path, help="JSON file of settings (e.g. a run's config.json)")
+    parser.add_argument(
+        "--model-dir", type=Path, help="local FLUX.1-dev directory (diffusers layout). Default: the tiny profile."
+    )
+    parser.add_argument(
+        "--transformer-path", type=Path, help="DSD transformer weights. Default: <model-dir>/dsd_transformer."
+    )
+    for name, field in TrainConfig.model_fields.items():
+        if name != "dataset":
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
+                                help=f"{field.description} Default: {field.default}.".replace("%", "%%"),
+                                **_argument_kind(field.annotation))
+    parser.set_defaults(handler=run_train)
+    return parser
+
+
+def _argument_kind(annotation) -> dict:
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": typing.get_args(annotation)}
+    if any(typing.get_origin(a) is list for a in typing.get_args(annotation)):
+        return {"nargs": "+"}
+    return {}
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .trainer import check_requirements, train
+
+    values = json.loads(args.config.read_text()) if args.config else {}
+    values.update({name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)})
+    try:
+        config = TrainConfig(**values)
+        check_requirements(config)
+        result = train(config, _base_pipeline(args))
+    except (ValidationError, TrainingError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    print(f"wrote {result.adapter_path} after {result.steps} steps (final loss {result.losses[-1]:.4f}); "
+          f"loss curve {result.output_dir / 'loss.png'}")
+
+
+def _base_pipeline(args: argparse.Namespace):
+    if args.model_dir is None:
+        print(TINY_NOTE, file=sys.stderr)
+        return None
+    from ..loading import load_pipeline
+    from ..settings import ModelSettings
+
+    settings = ModelSettings(
+        profile="real", model_dir=args.model_dir, transformer_path=args.transformer_path, adapters={},
+        default_adapter=None, fuse_adapters=False,
+    )
+    return load_pipeline(settings)
