@@ -4,8 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 3000
+REDIS_PORT ?= 6379
+REDIS_SERVER = $(shell command -v redis-server)
+# The latent cache's Redis for `make serve`: loopback, no persistence, stopped with the service. Without
+# redis-server (`make redis-server` installs it as root on Debian) the service runs without the cache.
+WITH_REDIS = $(if $(REDIS_SERVER),$(REDIS_SERVER) --bind 127.0.0.1 --port $(REDIS_PORT) --save '' --appendonly no \
+	--loglevel warning & trap 'kill $$! 2>/dev/null' EXIT INT TERM; DSD_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0)
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test bench clean redis-server redis-if-possible
 
 setup: $(VENV)/.installed
 
@@ -13,16 +19,26 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[serve,data,train,dev]'
+	$(PY) -m dsd_serve.grpc_stubs
 	touch $@
 
-serve: setup
-	BENTOML_DO_NOT_TRACK=True $(VENV)/bin/bentoml serve service:DSDService --host $(HOST) --port $(PORT)
+serve: setup redis-if-possible
+	$(WITH_REDIS) BENTOML_DO_NOT_TRACK=True $(VENV)/bin/bentoml serve service:DSDService --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup redis-server
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) benchmarks/pipeline_step.py
+
+# The tests start their own redis-server on a free loopback port; this installs the binary (Debian, as root).
+redis-server:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } || \
+		{ echo "redis-server is missing; install it (Debian: apt-get install redis-server)" >&2; exit 1; }
+
+redis-if-possible:
+	@$(MAKE) --no-print-directory redis-server || echo "serving without the latent cache" >&2
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -149,7 +150,9 @@ class AdapterRegistry:
             )
         dtype = next(self.transformer.parameters()).dtype
         lora = {k: v.to(dtype) for k, v in lora.items()}
-        self.transformer.load_lora_adapter(lora, adapter_name=name, prefix="transformer")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # expected: named adapters
+            self.transformer.load_lora_adapter(lora, adapter_name=name, prefix="transformer")
         if embedder:
             self._embedders[name] = {k: v.to(dtype) for k, v in embedder.items()}
         self.ranks[name] = ranks

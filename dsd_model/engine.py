@@ -22,13 +22,17 @@ import uuid
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Literal
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Literal
 
+import torch
 from PIL import Image
 
 from . import metrics
 from .errors import DeadlineExceeded, Draining, InputError, InternalError, QueueFull, RequestCancelled
 from .pipeline import DenoiseState, DSDPipeline, GenerationRequest, validate_request
+
+if TYPE_CHECKING:
+    from .latent_cache import LatentCache
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +44,9 @@ class EngineConfig:
     max_queue: int = 64
     """Waiting requests beyond the running batch; past it `submit` raises `QueueFull` at once."""
     batching: Literal["step", "request"] = "step"
-    """`step`: admit at every step boundary. `request`: admit only into an empty batch (whole-request batching,
-    the behaviour of adaptive/dynamic batchers; kept for comparison)."""
+    """`step`: admit at every step boundary, return each result when its own schedule ends. `request`: admit only
+    into an empty batch and return the batch's results together (whole-request batching, what adaptive/dynamic
+    batchers do; kept for comparison)."""
     warmup_steps: int = 2
 
     def __post_init__(self):
@@ -143,11 +148,14 @@ class JobResult:
 
 
 class Engine:
-    """Owns `pipe` on one worker thread; see the module docstring for the batching policy."""
+    """Owns `pipe` on one worker thread; see the module docstring for the batching policy. With a `latent_cache`,
+    requests that carry an `image_digest` take their condition latents from it."""
 
-    def __init__(self, pipe: DSDPipeline, config: EngineConfig | None = None):
+    def __init__(self, pipe: DSDPipeline, config: EngineConfig | None = None,
+                 latent_cache: LatentCache | None = None):
         self.pipe = pipe
         self.config = config or EngineConfig()
+        self.latent_cache = latent_cache
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
         self._lock = threading.Condition()
@@ -266,7 +274,7 @@ class Engine:
             except Exception:  # a fault while preparing fails the admitted requests, never the engine
                 logger.exception("preparing %s failed", [job.request_id for job in admitted])
                 self._fail_all(admitted)
-            batch = [job for job in self._running if job.state is not None]
+            batch = [job for job in self._running if job.state is not None and not job.state.done]
             try:
                 if batch:
                     self._step(batch)
@@ -326,9 +334,27 @@ class Engine:
             metrics.QUEUE_WAIT.observe(now - job.submitted)
             job.emit(Event("started", job.request_id, total=job.request.num_inference_steps))
         self.pipe.set_adapter(jobs[0].request.adapter)
-        states = self.pipe.prepare([job.request for job in jobs])
+        requests = [job.request for job in jobs]
+        states = self.pipe.prepare(requests, self._condition_parameters(requests))
         for job, state in zip(jobs, states):
             job.state = state
+
+    def _condition_parameters(self, requests: list[GenerationRequest]) -> list[torch.Tensor | None] | None:
+        """Condition-latent distributions through the latent cache: a hit skips the VAE, a miss is encoded once per
+        distinct reference and stored. None where there is no cache or no digest: `prepare` encodes those."""
+        if self.latent_cache is None:
+            return None
+        found: dict[tuple[str, int], torch.Tensor] = {}
+        for request in requests:
+            key = (request.image_digest, request.size)
+            if request.image_digest is None or key in found:
+                continue
+            parameters = self.latent_cache.get(*key)
+            if parameters is None:
+                parameters = self.pipe.encode_condition_distribution(request.image, request.size)
+                self.latent_cache.put(*key, parameters)
+            found[key] = parameters
+        return [found.get((request.image_digest, request.size)) for request in requests]
 
     def _step(self, batch: list[Job]) -> None:
         self.pipe.set_adapter(batch[0].request.adapter)
@@ -339,7 +365,10 @@ class Engine:
         metrics.BATCH_ROWS.observe(rows)
         for job in batch:
             job.emit(Event("step", job.request_id, step=job.state.step_index, total=job.state.num_steps))
-        for job in [job for job in batch if job.state.done]:
+        finished = [job for job in self._running if job.state is not None and job.state.done]
+        if self.config.batching == "request" and len(finished) < len(self._running):
+            finished = []  # a whole-request batch returns all its results together, when its longest request ends
+        for job in finished:
             image = self.pipe.finish(job.state)
             with self._lock:
                 self._running.remove(job)

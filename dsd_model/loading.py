@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import InputError, WeightsError
 from .pipeline import DSDPipeline
+from .prompt_cache import PromptCache
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ def load_pipeline(settings: Settings | None = None) -> DSDPipeline:
             pipe.adapters.fuse(next(iter(settings.adapters)))
     pipe.profile = settings.resolved_profile
     pipe.max_sequence_length = settings.max_sequence_length
+    if settings.prompt_cache_size:
+        pipe.set_prompt_cache(PromptCache(settings.prompt_cache_size, pinned=[("", settings.max_sequence_length)]))
     pipe.default_adapter = settings.default_adapter or (pipe.adapters.names[0] if pipe.adapters.names else None)
     if pipe.transformer.dtype != dtype:
         pipe.to(dtype=dtype)

@@ -9,6 +9,8 @@ SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 3
 """Buckets for seconds-long generation work."""
 STEP_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CACHE_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+"""Buckets for one Redis round trip (the official canvas's cached latents are 1 MiB in float32)."""
 
 REQUEST_DURATION = Histogram(
     "dsd_request_duration_seconds", "End-to-end request latency.", ["transport", "mode", "outcome"], buckets=SECONDS
@@ -24,3 +26,19 @@ QUEUE_DEPTH = Gauge(
 REQUESTS_REJECTED = Counter("dsd_requests_rejected_total", "Requests refused at admission.", ["reason"])
 REQUESTS_CANCELLED = Counter("dsd_requests_cancelled_total", "Requests cancelled by the client before finishing.")
 REQUESTS_TIMED_OUT = Counter("dsd_requests_timed_out_total", "Requests that passed their deadline.")
+CACHE_HITS = Counter("dsd_cache_hits_total", "Condition-latent cache lookups that found a usable entry (no encode).")
+CACHE_MISSES = Counter("dsd_cache_misses_total", "Condition-latent cache lookups that found no entry.")
+CACHE_ERRORS = Counter(
+    "dsd_cache_errors_total",
+    "Condition-latent cache calls served without the cache, by operation (get, put) and kind (unavailable, timeout, "
+    "error, corrupt, too_large, skipped: during the back-off after a failure).",
+    ["operation", "kind"],
+)
+CACHE_READ_BYTES = Counter("dsd_cache_read_bytes_total", "Bytes read from the condition-latent cache.")
+CACHE_WRITTEN_BYTES = Counter("dsd_cache_written_bytes_total", "Bytes written to the condition-latent cache.")
+CACHE_DURATION = Histogram(
+    "dsd_cache_duration_seconds", "Time of one condition-latent cache round trip to Redis.", ["operation"],
+    buckets=CACHE_SECONDS,
+)
+PROMPT_CACHE_HITS = Counter("dsd_prompt_cache_hits_total", "Prompts whose embeddings were reused in-process.")
+PROMPT_CACHE_MISSES = Counter("dsd_prompt_cache_misses_total", "Prompts that went through the text encoders.")

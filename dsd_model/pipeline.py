@@ -56,6 +56,9 @@ class GenerationRequest:
     latents: torch.Tensor | None = None
     full_canvas: bool = False
     adapter: str | None = None
+    image_digest: str | None = None
+    """sha256 (hex) of the uploaded image bytes, set by transports; with it the engine looks the condition latents
+    up in the latent cache."""
 
     @property
     def uses_cfg(self) -> bool:
@@ -205,9 +208,8 @@ class DSDPipeline(DiffusionPipeline):
             )
         self.adapters = AdapterRegistry(transformer)
         self.max_sequence_length = 512
-        self.tokenizer_max_length = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
-        if self.tokenizer_max_length > 1024:
-            self.tokenizer_max_length = 77
+        """T5 prompt tokens (FLUX.1-dev's 512); `load_pipeline` sets it from the settings."""
+        self.tokenizer_max_length = text_encoder.config.max_position_embeddings
         self._prompt_cache = None
 
     # ------------------------------------------------------------------ prompt encoding
@@ -235,20 +237,22 @@ class DSDPipeline(DiffusionPipeline):
         found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self._prompt_cache is not None:
             for prompt in unique:
-                hit = self._prompt_cache.get(prompt)
+                hit = self._prompt_cache.get((prompt, self.max_sequence_length))
                 if hit is not None:
                     found[prompt] = hit
         missing = [p for p in unique if p not in found]
         if missing:
             embeds, pooled = self.encode_prompt(missing)
             for i, prompt in enumerate(missing):
-                found[prompt] = (embeds[i : i + 1], pooled[i : i + 1])
+                # copies, so that a cached row does not keep its whole batch alive
+                found[prompt] = (embeds[i : i + 1].clone(), pooled[i : i + 1].clone())
                 if self._prompt_cache is not None:
-                    self._prompt_cache.put(prompt, found[prompt])
+                    self._prompt_cache.put((prompt, self.max_sequence_length), found[prompt])
         return found
 
     def set_prompt_cache(self, cache) -> None:
-        """Reuse prompt embeddings through `cache` (an object with get(prompt) / put(prompt, value)); None disables."""
+        """Reuse prompt embeddings through `cache` (get(key) / put(key, value) with key = (prompt,
+        max_sequence_length), e.g. `dsd_model.prompt_cache.PromptCache`); None disables."""
         self._prompt_cache = cache
 
     # ------------------------------------------------------------------ condition encoding

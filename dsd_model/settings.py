@@ -68,6 +68,28 @@ class Settings(BaseSettings):
     )
     batching: Literal["step", "request"] = Field("step", description="`request` = whole-request batching (comparison).")
 
+    # ---- caches
+    redis_url: str | None = Field(
+        None, description="Redis for the condition-latent cache, e.g. redis://127.0.0.1:6379/0; unset disables it "
+        "(every reference is then encoded by the VAE).",
+    )
+    latent_cache_ttl_s: int = Field(
+        86_400, ge=1, description="Lifetime of a cached reference; a day spans a product session's reuse of one "
+        "reference, and Redis's own eviction bounds memory before that.",
+    )
+    latent_cache_max_entry_bytes: int = Field(
+        8 * 2**20, ge=1024, description="Largest cached value; the largest canvas (1024 x 2048) takes 4 MiB in "
+        "float32, the official one 1 MiB.",
+    )
+    latent_cache_timeout_s: float = Field(
+        0.1, gt=0, le=5, description="Connect and read timeout of one Redis call; a healthy Redis answers in about "
+        "1 ms for the official canvas (benchmarks/latent_cache.py), so this only cuts off a stuck one.",
+    )
+    prompt_cache_size: int = Field(
+        64, ge=0, le=10_000, description="Prompts whose embeddings are kept in-process (0 disables); one T5 "
+        "embedding is 4 MiB in bfloat16 (512 x 4096), so 64 take 256 MiB of accelerator memory.",
+    )
+
     # ---- transports
     api_key: SecretStr | None = Field(None, description="When set, requests need `Authorization: Bearer <key>`.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC listen port (0 disables the gRPC server).")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 import secrets
@@ -19,6 +20,7 @@ from PIL import Image
 from dsd_model import GenerationRequest, InputError, limits
 from dsd_model.engine import Engine, EngineConfig, Event, Job, JobResult
 from dsd_model.images import decode_image
+from dsd_model.latent_cache import open_latent_cache
 from dsd_model.loading import TINY_NOTICE, adapter_for_mode, load_pipeline
 from dsd_model.settings import Settings
 
@@ -114,6 +116,7 @@ class Runtime:
                 max_queue=self.settings.max_queue,
                 batching=self.settings.batching,
             ),
+            latent_cache=open_latent_cache(self.settings, self.pipe.vae),
         )
 
     @property
@@ -144,6 +147,7 @@ class Runtime:
             raise InputError("image", f"{len(image)} bytes exceeds the limit of {self.settings.max_upload_bytes}")
         adapter = adapter_for_mode(self.pipe, params.mode)
         reference = await asyncio.to_thread(decode_image, image, "image")
+        image_digest = hashlib.sha256(image).hexdigest()
         size = params.size if params.size is not None else self.settings.size
         first_seed = params.seed if params.seed is not None else secrets.randbelow(limits.MAX_SEED)
         jobs: list[Job] = []
@@ -160,6 +164,7 @@ class Runtime:
                     size=size,
                     seed=(first_seed + index) % (limits.MAX_SEED + 1),
                     adapter=adapter,
+                    image_digest=image_digest,
                 )
                 jobs.append(
                     self.engine.submit(request, deadline=arrived + deadline_s, request_id=f"{request_id}-{index}")

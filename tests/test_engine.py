@@ -190,5 +190,8 @@ def test_whole_request_batching_waits_for_an_empty_batch(engine):
     first = eng.submit(req(1, num_inference_steps=8))
     wait_for(first, "step")
     second = eng.submit(req(2, num_inference_steps=2))
+    third = eng.submit(req(3, num_inference_steps=5))
     second.future.result(timeout=30)
     assert second.started >= first.finished
+    assert third.state.done  # the batch's results come back together, after its longest request
+    third.future.result(timeout=30)
