@@ -1,8 +1,10 @@
 """Small builders shared by the tests."""
 
 import io
+from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -15,3 +17,18 @@ def png_bytes(image: Image.Image, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **kwargs)
     return buffer.getvalue()
+
+
+def write_tiny_weights(root: Path) -> dict:
+    """Tiny weights laid out like FLUX.1-dev (`root/flux`) plus a fused DSD transformer with a trained-looking
+    condition embedder (`root/fused`); returns the in-memory components the files were written from."""
+    from diffusers import FluxPipeline
+
+    from dsd_model.tiny import build_tiny_components
+
+    FluxPipeline(**build_tiny_components(dsd=False)).save_pretrained(root / "flux")
+    components = build_tiny_components()
+    with torch.no_grad():
+        components["transformer"].x_embedder.weight[:, 16:].normal_(0, 0.1)
+    components["transformer"].save_pretrained(root / "fused")
+    return components

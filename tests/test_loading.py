@@ -1,28 +1,22 @@
 """The real-weights path, exercised on tiny weights laid out on disk exactly like FLUX.1-dev plus the DSD release."""
 
 import pytest
-import torch
-from diffusers import FluxPipeline
 from safetensors.torch import save_file
 
 from dsd_model import DSDPipeline, WeightsError
 from dsd_model.convert import convert_checkpoint
 from dsd_model.loading import load_pipeline
 from dsd_model.settings import Settings
-from dsd_model.tiny import build_tiny_components, tiny_lora_state_dict
-from helpers import random_image
+from dsd_model.tiny import tiny_lora_state_dict
+from helpers import random_image, write_tiny_weights
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A FLUX.1-dev-style directory, the DSD transformer in the official layout, and an official LoRA file."""
     root = tmp_path_factory.mktemp("weights")
-    FluxPipeline(**build_tiny_components(dsd=False)).save_pretrained(root / "flux")
-    components = build_tiny_components()
+    components = write_tiny_weights(root)
     fused = components["transformer"]
-    with torch.no_grad():
-        fused.x_embedder.weight[:, 16:].normal_(0, 0.1)  # a trained condition embedder
-    fused.save_pretrained(root / "fused")
     convert_checkpoint(root / "fused", root / "official", to="official")
     lora = root / "pytorch_lora_weights.safetensors"
     save_file(tiny_lora_state_dict(fused, seed=3), str(lora))

@@ -1,0 +1,63 @@
+"""A freshly trained adapter serves as a named mode with no conversion step: training → file → service."""
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from dsd_model import DSDPipeline
+from dsd_model.data.pairs import Pair, write_pairs
+from dsd_model.training import TrainConfig, train
+from helpers import png_bytes, random_image, write_tiny_weights
+from servers import start_service, wait_ready
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapter")
+    components = write_tiny_weights(root)
+    dataset = root / "dataset"
+    (dataset / "images").mkdir(parents=True)
+    pairs = []
+    for i in range(2):
+        random_image(64, 64, seed=i).save(dataset / f"images/{i}_ref.png")
+        random_image(64, 64, seed=10 + i).save(dataset / f"images/{i}_tgt.png")
+        pairs.append(Pair(id=str(i), reference=f"images/{i}_ref.png", target=f"images/{i}_tgt.png", caption="a toy"))
+    write_pairs(dataset, pairs)
+    pipe = DSDPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    config = TrainConfig(dataset=dataset, output_dir=root / "run", size=64, max_steps=3, rank=4, learning_rate=1e-2,
+                         checkpoint_every=100, seed=0)
+    result = train(config, pipe)
+    return root, pipe, result.adapter_path
+
+
+def test_trained_adapter_serves_as_a_mode(trained, tmp_path):
+    root, pipe, adapter = trained
+    server = start_service(tmp_path, profile="real", model_dir=str(root / "flux"),
+                           transformer_path=str(root / "fused"), adapters=json.dumps({"structure": str(adapter)}))
+    try:
+        wait_ready(server)
+        reference = png_bytes(random_image(seed=7))
+        payload = dict(image=base64.b64encode(reference).decode(), prompt="a toy", steps=3, size=64, seed=2,
+                       mode="structure")
+        response = httpx.post(f"{server.url}/generate", json=payload, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["profile"] == "real"
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))), dtype=np.int16)
+        missing = httpx.post(f"{server.url}/generate", json=payload | {"mode": "identity"}, timeout=60)
+        assert missing.status_code == 422 and "no adapter loaded" in missing.json()["error"]["message"]
+    finally:
+        assert server.stop() == 0, server.log_tail()
+
+    image = Image.open(io.BytesIO(reference)).convert("RGB")
+    kwargs = dict(num_inference_steps=3, size=64, seed=2)
+    base = np.asarray(pipe(image, "a toy", **kwargs).images[0], dtype=np.int16)
+    pipe.load_adapter(adapter, "structure")
+    adapted = np.asarray(pipe(image, "a toy", adapter="structure", **kwargs).images[0], dtype=np.int16)
+    assert np.abs(served - adapted).max() <= 1
+    assert np.abs(adapted - base).max() > 1
