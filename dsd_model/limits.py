@@ -21,3 +21,10 @@ MIN_IMAGE_SIDE = 16
 """Smaller references carry too little to crop and resize meaningfully."""
 MAX_IMAGE_PIXELS = 40_000_000
 """Decoded-pixel bound (≈ 6300x6300) checked from the header, before pixels are decoded."""
+
+
+def check_size(value: int) -> int:
+    """A canvas side within the bounds above, or a ValueError naming them."""
+    if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
+        raise ValueError(f"size must be a multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}], got {value}")
+    return value

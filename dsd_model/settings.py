@@ -11,7 +11,25 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .limits import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
+from .limits import check_size
+
+
+def resolve_device(device: str) -> str:
+    """`auto` = cuda when available, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """`auto` = bfloat16 on cuda (what FLUX.1-dev was trained in), float32 elsewhere."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
 
 
 class Settings(BaseSettings):
@@ -105,9 +123,7 @@ class Settings(BaseSettings):
     @field_validator("size")
     @classmethod
     def _check_size(cls, value: int) -> int:
-        if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
-            raise ValueError(f"size must be a multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}], got {value}")
-        return value
+        return check_size(value)
 
     @model_validator(mode="after")
     def _check_real(self) -> "Settings":
@@ -133,15 +149,7 @@ class Settings(BaseSettings):
         return self.profile
 
     def resolved_device(self) -> str:
-        import torch
-
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device(self.device)
 
     def resolved_dtype(self):
-        import torch
-
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
-        return getattr(torch, self.dtype)
+        return resolve_dtype(self.dtype, self.resolved_device())

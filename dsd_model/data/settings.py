@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..errors import InputError
+from ..settings import resolve_device, resolve_dtype
 from .layout import GridLayout, parse_layout
 
 PIXEL_MULTIPLE = 16
@@ -161,15 +162,7 @@ class DataSettings(BaseSettings):
         )
 
     def resolved_device(self) -> str:
-        import torch
-
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device(self.device)
 
     def resolved_dtype(self):
-        import torch
-
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
-        return getattr(torch, self.dtype)
+        return resolve_dtype(self.dtype, self.resolved_device())

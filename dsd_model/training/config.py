@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..limits import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
+from ..limits import check_size
 
 RESUMABLE_CHANGES = frozenset(
     {"dataset", "output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "resume_from"}
@@ -106,9 +106,7 @@ class TrainConfig(BaseModel):
     @field_validator("size")
     @classmethod
     def _check_size(cls, value: int) -> int:
-        if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
-            raise ValueError(f"size must be a multiple of {SIZE_MULTIPLE} in [{MIN_SIZE}, {MAX_SIZE}], got {value}")
-        return value
+        return check_size(value)
 
     @field_validator("target_modules")
     @classmethod
