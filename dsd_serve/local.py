@@ -50,6 +50,15 @@ class Server:
                 total += float(value)
         return total
 
+    def wait_for_metric(self, name: str, minimum: float, timeout: float = 60, **labels) -> float:
+        """Poll `/metrics` until the sum of `name` (filtered by `labels`) reaches `minimum`."""
+        end = time.monotonic() + timeout
+        while (value := self.metric(name, **labels)) < minimum:
+            if time.monotonic() > end:
+                raise AssertionError(f"{name} stayed at {value}, below {minimum}, for {timeout} s")
+            time.sleep(0.05)
+        return value
+
     def stop(self) -> int:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)

@@ -87,14 +87,6 @@ def wait_health(channel, status: int, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def wait_for_metric(server, name: str, minimum: float, timeout: float = 60, **labels) -> float:
-    end = time.monotonic() + timeout
-    while (value := server.metric(name, **labels)) < minimum:
-        assert time.monotonic() < end, f"{name} stayed below {minimum}"
-        time.sleep(0.05)
-    return value
-
-
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as raised:
         call(*args, **kwargs)
@@ -208,7 +200,7 @@ def occupy(endpoint: Endpoint):
     running = endpoint.stub.GenerateStream(request(steps=100, image_guidance=2.0), timeout=120)
     assert [next(running).WhichOneof("event") for _ in range(2)] == ["queued", "step"]
     waiting = endpoint.stub.Generate.future(request(steps=2, image_guidance=2.0), timeout=120)
-    wait_for_metric(endpoint.server, "dsd_queue_depth", minimum=1)
+    endpoint.server.wait_for_metric("dsd_queue_depth", minimum=1)
     return running, waiting
 
 
@@ -222,7 +214,7 @@ def test_full_queue_is_resource_exhausted_and_a_cancelled_stream_frees_its_slot(
     cancelled = tight.server.metric("dsd_requests_cancelled_total")
     running.cancel()
     assert rpc_error(list, running).code() == grpc.StatusCode.CANCELLED
-    wait_for_metric(tight.server, "dsd_requests_cancelled_total", minimum=cancelled + 1, timeout=30)
+    tight.server.wait_for_metric("dsd_requests_cancelled_total", minimum=cancelled + 1, timeout=30)
     assert list(waiting.result(timeout=60).seeds) == [5]
 
 

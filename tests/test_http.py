@@ -174,12 +174,13 @@ def test_queue_full_is_429_with_retry_after(tight):
     def send(name, **overrides):
         results[name] = post(tight, body(**overrides), headers={})
 
+    started = tight.metric("dsd_queue_wait_seconds_count")
     long_running = threading.Thread(target=send, args=("long",), kwargs=dict(steps=100, image_guidance=2.0))
     long_running.start()
-    wait_for_metric(tight, "dsd_queue_wait_seconds_count", minimum=tight.metric("dsd_queue_wait_seconds_count") + 1)
+    tight.wait_for_metric("dsd_queue_wait_seconds_count", minimum=started + 1)
     waiting = threading.Thread(target=send, args=("waiting",), kwargs=dict(steps=2, image_guidance=2.0))
     waiting.start()
-    wait_for_metric(tight, "dsd_queue_depth", minimum=1)
+    tight.wait_for_metric("dsd_queue_depth", minimum=1)
     rejected = post(tight, body(), headers={})
     assert rejected.status_code == 429, rejected.text
     assert int(rejected.headers["retry-after"]) >= 1
@@ -188,16 +189,6 @@ def test_queue_full_is_429_with_retry_after(tight):
     waiting.join(120)
     assert results["long"].status_code == 200 and results["waiting"].status_code == 200
     assert tight.metric("dsd_requests_rejected_total", reason="queue_full") >= 1
-
-
-def wait_for_metric(server, name: str, minimum: float, timeout: float = 60, **labels) -> float:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = server.metric(name, **labels)
-        if value >= minimum:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{name} stayed below {minimum}")
 
 
 def test_deadline_is_504_and_frees_the_slot(server):
@@ -213,7 +204,7 @@ def test_client_disconnect_cancels_the_request(server):
     before = server.metric("dsd_requests_cancelled_total")
     with pytest.raises(httpx.TimeoutException):
         post(server, body(steps=100, size=256), timeout=1.0)
-    wait_for_metric(server, "dsd_requests_cancelled_total", minimum=before + 1, timeout=30)
+    server.wait_for_metric("dsd_requests_cancelled_total", minimum=before + 1, timeout=30)
 
 
 def test_concurrent_requests_equal_their_solo_results(server):
