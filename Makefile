@@ -11,14 +11,14 @@ REDIS_SERVER = $(shell command -v redis-server)
 WITH_REDIS = $(if $(REDIS_SERVER),$(REDIS_SERVER) --bind 127.0.0.1 --port $(REDIS_PORT) --save '' --appendonly no \
 	--loglevel warning & trap 'kill $$! 2>/dev/null' EXIT INT TERM; DSD_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0)
 
-.PHONY: setup serve test bench clean redis-server redis-if-possible
+.PHONY: setup serve test bench loadtest clean redis-server redis-if-possible
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[serve,data,train,dev]'
+	$(PY) -m pip install -q -e '.[serve,data,train,ops,dev]'
 	$(PY) -m dsd_serve.grpc_stubs
 	touch $@
 
@@ -30,6 +30,11 @@ test: setup redis-server
 
 bench: setup
 	$(PY) benchmarks/pipeline_step.py
+	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/latent_cache.py
+
+loadtest: setup redis-server
+	loadtest/run
 
 # The tests start their own redis-server on a free loopback port; this installs the binary (Debian, as root).
 redis-server:

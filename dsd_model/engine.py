@@ -52,8 +52,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.max_batch_rows < 3:
             raise ValueError(f"max_batch_rows must be at least 3 (one CFG request), got {self.max_batch_rows}")
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 (a request waits in the queue until admitted), got {self.max_queue}")
         if self.batching not in ("step", "request"):
             raise ValueError(f"batching must be 'step' or 'request', got {self.batching!r}")
 

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         "8 keeps one H100 forward at the official canvas near its compute roofline without growing step latency much.",
     )
     max_queue: int = Field(
-        64, ge=0, le=100_000, description="Waiting requests per replica before 429; about a minute of work at the "
+        64, ge=1, le=100_000, description="Waiting requests per replica before 429; about a minute of work at the "
         "official settings, so clients retry elsewhere instead of waiting minutes.",
     )
     batching: Literal["step", "request"] = Field("step", description="`request` = whole-request batching (comparison).")

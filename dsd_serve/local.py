@@ -1,9 +1,10 @@
-"""Start the real service on a free loopback port, as operators do, and stop it again (tests, benchmarks,
-load tests)."""
+"""Start the real service (and a Redis beside it) on free loopback ports, as operators do, and stop them again
+(tests, benchmarks, load tests)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 """The project root, where service.py lives."""
@@ -104,3 +106,58 @@ def wait_ready(server: Server, timeout: float = 180.0) -> None:
         time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"server not ready within {timeout} s:\n{server.log_tail()}")
+
+
+class RedisServer:
+    """`redis-server` on 127.0.0.1:`port` (chosen free at creation, kept across restarts), empty on every start."""
+
+    def __init__(self, workdir: Path):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed; `make redis-server` installs it (Debian, as root)")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+    def start(self, timeout: float = 10.0) -> None:
+        with (self.workdir / "redis.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                 "--dir", str(self.workdir)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                if self.client().ping():
+                    return
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"redis-server did not start:\n{(self.workdir / 'redis.log').read_text()}")
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.resume()
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def pause(self) -> None:
+        """Freeze the server: connections stay open and calls hang (a slow Redis)."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)

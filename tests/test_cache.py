@@ -20,8 +20,7 @@ from dsd_model.prompt_cache import PromptCache
 from dsd_model.settings import Settings
 from dsd_model.tiny import tiny_vae_config
 from helpers import png_bytes, random_image
-from redis_server import RedisServer
-from servers import start_service, wait_ready
+from servers import RedisServer, start_service, wait_ready
 
 SIZE = 64
 

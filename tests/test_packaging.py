@@ -39,6 +39,7 @@ def test_bentoml_build(tmp_path):
     assert (bento / "src" / "service.py").is_file()
     assert (bento / "src" / "dsd_model" / "pipeline.py").is_file()
     assert (bento / "src" / "dsd_serve" / "http.py").is_file()
+    assert (bento / "src" / "dsd_serve" / "pb" / "dsd_pb2_grpc.py").is_file()
     assert not (bento / "src" / "tests").exists()
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "diffusers==0.42.1" in requirements

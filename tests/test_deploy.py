@@ -1,0 +1,338 @@
+"""The Kubernetes layout (deploy/k8s) and the Grafana dashboard, offline.
+
+Every overlay renders with the real kustomize (the one inside the `kubectl` of the venv) and validates strictly
+against pinned Kubernetes schemas, the KEDA and Prometheus Operator objects against their operators' schemas. The
+manifests may only name settings, ports, probe paths and metrics that the service really has.
+"""
+
+import base64
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+import httpx
+import kubernetes_validate
+import promql_parser
+import pytest
+import yaml
+from bentoml._internal.configuration.containers import BentoMLContainer
+from cloudcoil.models.keda.v1alpha1 import ScaledObject
+from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.metrics import MetricWrapperBase
+
+from dsd_model import metrics
+from dsd_model.settings import Settings
+from servers import ROOT, start_service, wait_ready
+
+KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
+"""The oldest Kubernetes the manifests support (native preStop sleep) and the newest schema at hand."""
+K8S = ROOT / "deploy" / "k8s"
+KUBECTL = Path(sys.executable).parent / "kubectl"
+OVERLAYS = sorted(path.parent.name for path in (K8S / "overlays").glob("*/kustomization.yaml"))
+DASHBOARD = ROOT / "deploy" / "grafana" / "dsd-dashboard.json"
+OPERATING = ROOT / "README.md"
+CUSTOM_RESOURCES = {("keda.sh/v1alpha1", "ScaledObject"): ScaledObject,
+                    ("monitoring.coreos.com/v1", "ServiceMonitor"): ServiceMonitor,
+                    ("monitoring.coreos.com/v1", "PrometheusRule"): PrometheusRule}
+TARGET_LABELS = {"namespace", "service", "pod", "job", "instance", "endpoint", "container"}
+"""Labels Prometheus Operator adds to every scraped series."""
+SERVICE = "dsd"
+REDIS = "dsd-redis"
+each_overlay = pytest.mark.parametrize("overlay", OVERLAYS, ids=[f"overlays/{name}" for name in OVERLAYS])
+"""A plain `gpu` id would read as the `gpu` marker, which skips tests without CUDA."""
+
+
+def exposed_series() -> dict[str, set[str]]:
+    """Every series name of dsd_model/metrics.py as Prometheus stores it, with its label names."""
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    series = {}
+    for collector in vars(metrics).values():
+        if isinstance(collector, MetricWrapperBase):
+            family = collector.describe()[0]
+            for suffix in suffixes[family.type]:
+                series[family.name + suffix] = set(collector._labelnames) | ({"le"} if suffix == "_bucket" else set())
+    return series
+
+
+SERIES = exposed_series()
+
+
+def check_promql(expression: str) -> set[str]:
+    """Parse `expression`; every selector must name a series of the service and only its labels. Returns the
+    series it reads."""
+    nodes = []
+    promql_parser.walk(promql_parser.parse(expression), lambda node: nodes.append(node))
+    selectors = [node for node in nodes if isinstance(node, promql_parser.VectorSelector)]
+    assert selectors, expression
+    labels = set(TARGET_LABELS)
+    for selector in selectors:
+        assert selector.name in SERIES, f"{selector.name} (in {expression}) is not a metric of dsd_model/metrics.py"
+        labels |= SERIES[selector.name]
+    used = {matcher.name for selector in selectors for matcher in selector.matchers.matchers}
+    used |= {label for node in nodes if isinstance(node, promql_parser.AggregateExpr) and node.modifier
+             for label in node.modifier.labels}
+    assert used <= labels, f"{expression} uses labels {sorted(used - labels)} that its metrics do not have"
+    return {selector.name for selector in selectors}
+
+
+@functools.cache
+def render(overlay: str) -> tuple[dict, ...]:
+    done = subprocess.run([str(KUBECTL), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return tuple(yaml.safe_load_all(done.stdout))
+
+
+def objects(overlay: str, kind: str) -> list[dict]:
+    return [doc for doc in render(overlay) if doc["kind"] == kind]
+
+
+def named(overlay: str, kind: str, name: str) -> dict:
+    (found,) = [doc for doc in objects(overlay, kind) if doc["metadata"]["name"] == name]
+    return found
+
+
+def container(overlay: str) -> dict:
+    (server,) = named(overlay, "Deployment", SERVICE)["spec"]["template"]["spec"]["containers"]
+    return server
+
+
+def environment(overlay: str) -> dict[str, str]:
+    """The server container's variables as the pod sees them; Secrets that the overlay leaves to the operator
+    read as a placeholder."""
+    server = container(overlay)
+    env = {}
+    for source in server.get("envFrom", []):
+        env.update(named(overlay, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for variable in server.get("env", []):
+        if "value" in variable:
+            env[variable["name"]] = variable["value"]
+        else:
+            reference = variable["valueFrom"]["secretKeyRef"]
+            secrets = [doc for doc in objects(overlay, "Secret") if doc["metadata"]["name"] == reference["name"]]
+            value = base64.b64decode(secrets[0]["data"][reference["key"]]).decode() if secrets else "from-operator"
+            env[variable["name"]] = value
+    return env
+
+
+def settings_of(overlay: str, monkeypatch) -> Settings:
+    for name in [name for name in os.environ if name.startswith("DSD_")]:
+        monkeypatch.delenv(name)
+    for name, value in environment(overlay).items():
+        monkeypatch.setenv(name, value)
+    return Settings()
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return selector.items() <= labels.items()
+
+
+def pod_labels(overlay: str) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc["spec"]["template"]["metadata"]["labels"]
+            for doc in objects(overlay, "Deployment")}
+
+
+def test_there_is_a_gpu_and_a_dev_overlay():
+    assert {"gpu", "dev"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@each_overlay
+def test_renders_and_validates_strictly(overlay, version):
+    for doc in render(overlay):
+        model = CUSTOM_RESOURCES.get((doc["apiVersion"], doc["kind"]))
+        if model is None:
+            kubernetes_validate.validate(doc, version, strict=True)
+        else:
+            again = model.model_validate(doc).model_dump(mode="json", by_alias=True, exclude_unset=True)
+            assert again == doc, f"{doc['kind']} has fields or types its schema does not know"
+    for scaled in objects(overlay, "ScaledObject"):
+        behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        autoscaler = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "x"},
+                      "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": SERVICE},
+                               "maxReplicas": scaled["spec"]["maxReplicaCount"], "behavior": behavior}}
+        kubernetes_validate.validate(autoscaler, version, strict=True)
+
+
+@each_overlay
+def test_settings_are_the_services_own(overlay, monkeypatch):
+    env = environment(overlay)
+    unknown = [name for name in env if name.startswith("DSD_")
+               and name.removeprefix("DSD_").lower() not in Settings.model_fields]
+    assert not unknown, f"not settings of dsd_model/settings.py: {unknown}"
+    settings = settings_of(overlay, monkeypatch)
+    spec = named(overlay, "Deployment", SERVICE)["spec"]["template"]["spec"]
+    assert spec["enableServiceLinks"] is False, "service links would add DSD_* variables of their own"
+    ports = {port["name"]: port["containerPort"] for port in container(overlay)["ports"]}
+    assert ports == {"http": BentoMLContainer.http.port.get(), "grpc": settings.grpc_port}
+    service = named(overlay, "Service", SERVICE)["spec"]
+    assert selects(service["selector"], pod_labels(overlay)[SERVICE])
+    assert {(port["name"], port["targetPort"]) for port in service["ports"]} == {("http", "http"), ("grpc", "grpc")}
+    assert all(port.get("appProtocol") for port in service["ports"])
+    if settings.redis_url is not None:
+        url = urlsplit(settings.redis_url)
+        redis = named(overlay, "Service", url.hostname)
+        assert url.port in {port["port"] for port in redis["spec"]["ports"]}
+
+
+@each_overlay
+def test_real_weights_need_a_gpu_and_a_read_only_volume(overlay, monkeypatch):
+    settings = settings_of(overlay, monkeypatch)
+    if settings.resolved_profile != "real":
+        pytest.skip(f"{overlay} serves the tiny profile")
+    server = container(overlay)
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert settings.device == "cuda"
+    pod = named(overlay, "Deployment", SERVICE)["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    weights = [mount for mount in server["volumeMounts"] if str(settings.model_dir).startswith(mount["mountPath"])]
+    assert len(weights) == 1 and weights[0]["readOnly"] is True
+    claim = volumes[weights[0]["name"]]["persistentVolumeClaim"]
+    assert claim["readOnly"] is True
+    assert named(overlay, "PersistentVolumeClaim", claim["claimName"])["spec"]["accessModes"] == ["ReadOnlyMany"]
+    paths = [settings.transformer_path, *settings.adapters.values()]
+    assert all(str(path).startswith(weights[0]["mountPath"]) for path in paths)
+
+
+@each_overlay
+def test_probes_and_shutdown_outlast_the_longest_request(overlay, monkeypatch):
+    settings = settings_of(overlay, monkeypatch)
+    server = container(overlay)
+    assert server["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/livez"
+    startup = server["startupProbe"]["periodSeconds"] * server["startupProbe"]["failureThreshold"]
+    assert startup >= (1800 if settings.resolved_profile == "real" else 300), "too short for the model load"
+    pause = server["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = named(overlay, "Deployment", SERVICE)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert settings.max_deadline_s < settings.drain_timeout_s
+    assert grace >= pause + settings.drain_timeout_s + 10, "SIGKILL would cut requests that are still draining"
+
+
+@each_overlay
+def test_pods_run_locked_down(overlay):
+    for deployment in objects(overlay, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        for box in pod["containers"]:
+            context = box["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert {"cpu", "memory"} <= box["resources"]["requests"].keys() and "memory" in box["resources"]["limits"]
+            writable = {mount["mountPath"] for mount in box["volumeMounts"] if "emptyDir" in volumes[mount["name"]]}
+            if box["name"] == SERVICE:
+                env = {variable["name"]: variable.get("value") for variable in box["env"]}
+                assert {"/tmp", env["BENTOML_HOME"]} <= writable
+                assert env["XDG_CACHE_HOME"].startswith("/tmp/")
+            else:
+                assert writable
+
+
+@each_overlay
+def test_selectors_disruption_budget_and_network_policy(overlay):
+    labels = pod_labels(overlay)
+    budget = named(overlay, "PodDisruptionBudget", SERVICE)["spec"]
+    assert [name for name, pod in labels.items() if selects(budget["selector"]["matchLabels"], pod)] == [SERVICE]
+    assert budget["maxUnavailable"] == 1
+    for policy in objects(overlay, "NetworkPolicy"):
+        protected = [name for name, pod in labels.items() if selects(policy["spec"]["podSelector"]["matchLabels"], pod)]
+        assert protected == [REDIS]
+        (rule,) = policy["spec"]["ingress"]
+        (source,) = rule["from"]
+        allowed = [name for name, pod in labels.items() if selects(source["podSelector"]["matchLabels"], pod)]
+        assert allowed == [SERVICE]
+        (redis,) = named(overlay, "Deployment", REDIS)["spec"]["template"]["spec"]["containers"]
+        assert [port["port"] for port in rule["ports"]] == [port["containerPort"] for port in redis["ports"]]
+    if REDIS in labels:
+        assert objects(overlay, "NetworkPolicy"), "an in-cluster Redis needs its NetworkPolicy"
+
+
+@each_overlay
+def test_monitoring_and_scaling(overlay, monkeypatch):
+    if settings_of(overlay, monkeypatch).resolved_profile == "real":
+        assert objects(overlay, "ServiceMonitor") and objects(overlay, "ScaledObject")
+        assert objects(overlay, "PrometheusRule")
+    services = {doc["metadata"]["name"]: doc for doc in objects(overlay, "Service")}
+    for monitor in objects(overlay, "ServiceMonitor"):
+        chosen = [name for name, service in services.items()
+                  if selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])]
+        assert chosen == [SERVICE]
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] in {port["name"] for port in services[SERVICE]["spec"]["ports"]}
+        assert endpoint["path"] == "/metrics"
+    for scaled in objects(overlay, "ScaledObject"):
+        assert scaled["spec"]["scaleTargetRef"]["name"] == SERVICE
+        assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["type"] == "prometheus"
+        assert check_promql(trigger["metadata"]["query"]) == {"dsd_queue_depth"}
+        assert f'namespace="{scaled["metadata"]["namespace"]}"' in trigger["metadata"]["query"]
+    for rules in objects(overlay, "PrometheusRule"):
+        for group in rules["spec"]["groups"]:
+            for rule in group["rules"]:
+                check_promql(rule["expr"])
+                assert f'namespace="{rules["metadata"]["namespace"]}"' in rule["expr"], rule["alert"]
+
+
+@each_overlay
+def test_secrets_left_to_the_operator_are_documented(overlay):
+    rendered = {doc["metadata"]["name"] for doc in objects(overlay, "Secret")}
+    for variable in container(overlay)["env"]:
+        reference = variable.get("valueFrom", {}).get("secretKeyRef")
+        if reference and reference["name"] not in rendered:
+            assert f"create secret generic {reference['name']} --from-literal={reference['key']}=" in \
+                OPERATING.read_text()
+
+
+def dashboard_expressions() -> list[str]:
+    grafana = {"$__rate_interval": "1m", "$namespace": "dsd"}
+    pattern = re.compile("|".join(re.escape(variable) for variable in grafana))
+    expressions = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            expressions.append(pattern.sub(lambda match: grafana[match.group()], target["expr"]))
+    return expressions
+
+
+def test_dashboard_reads_only_the_services_metrics():
+    read = set()
+    for expression in dashboard_expressions():
+        assert "$" not in expression, f"unknown dashboard variable in {expression}"
+        read |= check_promql(expression)
+    assert set(re.findall(r"\bdsd_\w+", DASHBOARD.read_text())) <= SERIES.keys()
+    quantiles = re.findall(r"histogram_quantile\((0\.\d+), sum by \(le\) \(rate\(dsd_request_duration_seconds_bucket",
+                           " ".join(dashboard_expressions()))
+    assert set(quantiles) == {"0.5", "0.95", "0.99"}
+    assert {"dsd_request_duration_seconds_bucket", "dsd_queue_depth", "dsd_queue_wait_seconds_bucket",
+            "dsd_step_duration_seconds_bucket", "dsd_batch_rows_sum", "dsd_cache_hits_total",
+            "dsd_cache_misses_total", "dsd_cache_errors_total", "dsd_requests_rejected_total",
+            "dsd_requests_cancelled_total", "dsd_requests_timed_out_total"} <= read
+
+
+def test_probe_paths_metrics_and_grpc_health_answer_on_the_real_server(tmp_path):
+    paths = set()
+    for overlay in OVERLAYS:
+        server = container(overlay)
+        paths |= {server[probe]["httpGet"]["path"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
+        paths |= {endpoint["path"] for monitor in objects(overlay, "ServiceMonitor")
+                  for endpoint in monitor["spec"]["endpoints"]}
+    service = start_service(tmp_path)
+    try:
+        wait_ready(service)
+        for path in sorted(paths):
+            assert httpx.get(f"{service.url}{path}", timeout=10).status_code == 200, path
+        assert "# TYPE dsd_queue_depth gauge" in httpx.get(f"{service.url}/metrics", timeout=10).text
+        with grpc.insecure_channel(f"127.0.0.1:{service.env['DSD_GRPC_PORT']}") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        assert service.stop() == 0, service.log_tail()
