@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .pairs import read_jsonl
+
 
 class Manifest:
     def __init__(self, path: str | Path):
@@ -26,17 +28,7 @@ class Manifest:
     def records(self) -> dict[str, dict]:
         if not self.path.exists():
             return {}
-        records = {}
-        with self.path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{self.path}:{number}: not valid JSON ({exc.msg})") from exc
-                records[record["id"]] = record
-        return records
+        return {record["id"]: record for _, record in read_jsonl(self.path)}
 
     def append(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 PAIRS_FILE = "pairs.jsonl"
 REQUIRED_FIELDS = ("id", "reference", "target", "caption")
@@ -41,6 +42,18 @@ def write_pairs(directory: str | Path, pairs: list[Pair]) -> Path:
     return path
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-empty line; a line that is not JSON is an error naming file and line."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+
+
 def read_pairs(directory: str | Path) -> list[Pair]:
     """Read and check a dataset directory; errors name the file, the line and the problem."""
     directory = Path(directory)
@@ -48,13 +61,7 @@ def read_pairs(directory: str | Path) -> list[Pair]:
     if not path.is_file():
         raise FileNotFoundError(f"dataset {str(directory)!r} has no {PAIRS_FILE}")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+    for number, record in read_jsonl(path):
         missing = [f for f in REQUIRED_FIELDS if not isinstance(record.get(f), str)]
         if missing:
             raise ValueError(f"{path}:{number}: missing or non-string fields {missing}")
