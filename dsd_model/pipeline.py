@@ -316,18 +316,15 @@ class DSDPipeline(DiffusionPipeline):
             seed = request.seed if request.seed is not None else secrets.randbelow(limits.MAX_SEED)
             generator = torch.Generator("cpu").manual_seed(seed)
             height, width = 2 * (request.size // 16), 2 * (2 * request.size // 16)
+            # drawn even when `latents` are given, so the condition sample is the same either way
+            noise = randn_tensor((1, channels, height, width), generator=generator, device=device, dtype=dtype)
             if request.latents is not None:
                 latents = self._check_latents(request.latents, height * width // 4, 4 * channels)
-                noise_drawn = False
             else:
-                noise = randn_tensor((1, channels, height, width), generator=generator, device=device, dtype=dtype)
                 latents = pack_latents(noise)
-                noise_drawn = True
             parameters = condition_parameters[i] if condition_parameters is not None else None
             if parameters is None:
                 parameters = self.encode_condition_distribution(request.image, request.size)
-            if not noise_drawn:
-                randn_tensor((1, channels, height, width), generator=generator, device=device, dtype=dtype)
             condition = self.condition_latents(parameters.to(device), generator).to(dtype)
             timesteps, sigmas = self.schedule(request.num_inference_steps, latents.shape[1])
             embeds, pooled = embeddings[request.prompt]
@@ -537,9 +534,12 @@ class DSDPipeline(DiffusionPipeline):
             raise InputError("latents", f"has batch {latents.shape[0]}, expected {batch}")
         size = size if size is not None else 512
         decoded = {}
+        for i, img in enumerate(images):
+            if id(img) not in decoded:
+                decoded[id(img)] = decode_image(img, f"image[{i}]")
         return [
             GenerationRequest(
-                image=decoded.setdefault(id(img), decode_image(img, f"image[{i}]")),
+                image=decoded[id(img)],
                 prompt=p,
                 negative_prompt=n,
                 num_inference_steps=s,
