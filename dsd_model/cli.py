@@ -35,7 +35,7 @@ def _generate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.images[0].save(out)
-    print(f"wrote {out} (seed {result.seeds[0]}, profile {pipe.profile}, mode {args.mode})")
+    print(f"wrote {out} (seed {result.seeds[0]}, profile {pipe.profile}, mode {args.mode or 'default'})")
     if pipe.profile == "tiny":
         print(TINY_NOTICE)
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True, help="reference image (PNG, JPEG or WebP)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--out", required=True, help="output image path")
-    gen.add_argument("--mode", default="identity", help="identity | structure (selects the adapter)")
+    gen.add_argument("--mode", help="identity | structure (selects the adapter); the default adapter when absent")
     gen.add_argument("--steps", type=int, default=28, help=f"denoising steps [{limits.MIN_STEPS}, {limits.MAX_STEPS}]")
     gen.add_argument("--seed", type=int, default=None, help="random when absent; always printed")
     gen.add_argument("--guidance", type=float, default=3.5, help="distilled guidance (official: 3.5)")

@@ -80,6 +80,7 @@ class Job:
     submitted: float
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled"
     started: float | None = None
     finished: float | None = None
     state: DenoiseState | None = None
@@ -100,8 +101,10 @@ class Job:
         with self._lock:
             return list(self._history)
 
-    def cancel(self) -> None:
-        """Leave the batch at the next step boundary (or never start)."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Leave the batch at the next step boundary (or never start). `reason` "timeout": the caller's copy of the
+        deadline fired first (a gRPC deadline), so the job ends as timed out rather than cancelled."""
+        self.cancel_reason = reason
         self.cancelled.set()
 
     def emit(self, event: Event) -> None:
@@ -297,11 +300,11 @@ class Engine:
         now = time.monotonic()
         for container in (self._waiting, self._running):
             for job in list(container):
-                if job.cancelled.is_set():
+                if job.cancelled.is_set() and job.cancel_reason != "timeout":
                     container.remove(job)
                     metrics.REQUESTS_CANCELLED.inc()
                     self._fail(job, RequestCancelled(job.request_id))
-                elif job.deadline is not None and now >= job.deadline:
+                elif job.cancelled.is_set() or (job.deadline is not None and now >= job.deadline):
                     container.remove(job)
                     metrics.REQUESTS_TIMED_OUT.inc()
                     step = job.state.step_index if job.state is not None else 0

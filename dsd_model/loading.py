@@ -13,7 +13,7 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 MODES = ("identity", "structure")
-"""Request modes; each selects the adapter of the same name."""
+"""Request modes; each selects the adapter `Settings.mode_adapters` maps it to, by default the one of its name."""
 TINY_NOTICE = (
     "profile 'tiny': built-in random components of a few hundred KB; images are noise-like by design. "
     "Set DSD_MODEL_DIR (and DSD_ADAPTERS) to serve real FLUX.1-dev / DSD weights."
@@ -37,7 +37,7 @@ def load_pipeline(settings: Settings | None = None) -> DSDPipeline:
     pipe.max_sequence_length = settings.max_sequence_length
     if settings.prompt_cache_size:
         pipe.set_prompt_cache(PromptCache(settings.prompt_cache_size, pinned=[("", settings.max_sequence_length)]))
-    pipe.default_adapter = settings.default_adapter or (pipe.adapters.names[0] if pipe.adapters.names else None)
+    pipe.default_adapter, pipe.mode_adapters = adapter_choice(settings, pipe.adapters.names)
     if pipe.transformer.dtype != dtype:
         pipe.to(dtype=dtype)
     pipe.to(device)
@@ -77,13 +77,42 @@ def _real_pipeline(settings: Settings, dtype) -> DSDPipeline:
     return pipe
 
 
-def adapter_for_mode(pipe: DSDPipeline, mode: str) -> str | None:
-    """The adapter a request mode selects: the adapter named like the mode, or none when no adapter is loaded."""
+def adapter_choice(settings: Settings, loaded: list[str]) -> tuple[str | None, dict[str, str]]:
+    """The default adapter and the mode → adapter mapping, checked against the adapters actually loaded, so that a
+    setting naming one that is not loaded stops the start instead of failing every request."""
+    listed = ", ".join(loaded) or "none"
+    for mode, adapter in settings.mode_adapters.items():
+        if mode not in MODES:
+            raise ValueError(f"DSD_MODE_ADAPTERS names {mode!r}, which is not a mode; modes: {', '.join(MODES)}")
+        if adapter not in loaded:
+            raise ValueError(
+                f"DSD_MODE_ADAPTERS maps mode {mode!r} to adapter {adapter!r}, which is not loaded; loaded adapters: "
+                f"{listed} (DSD_ADAPTERS)"
+            )
+    if settings.default_adapter is not None and settings.default_adapter not in loaded:
+        raise ValueError(
+            f"DSD_DEFAULT_ADAPTER {settings.default_adapter!r} is not loaded; loaded adapters: {listed} (DSD_ADAPTERS)"
+        )
+    default = settings.default_adapter or (loaded[0] if loaded else None)
+    return default, dict(settings.mode_adapters)
+
+
+def adapter_for_mode(pipe: DSDPipeline, mode: str | None) -> str | None:
+    """The adapter serving a request: the default adapter when it names no mode, else the adapter its mode maps to.
+    None when no adapter is loaded at all: the base model then serves every mode."""
+    if mode is None:
+        return pipe.default_adapter
     if mode not in MODES:
         raise InputError("mode", f"{mode!r} is not one of {', '.join(MODES)}")
     names = pipe.adapters.names
     if not names:
         return None
-    if mode not in names:
-        raise InputError("mode", f"{mode!r} has no adapter loaded; loaded adapters: {', '.join(names)}")
-    return mode
+    adapter = pipe.mode_adapters.get(mode, mode)
+    if adapter not in names:
+        served = [name for name in MODES if pipe.mode_adapters.get(name, name) in names]
+        raise InputError(
+            "mode",
+            f"{mode!r} has no adapter loaded on this server; modes served: {', '.join(served) or 'none'}; loaded "
+            f"adapters: {', '.join(names)}; omit the mode to use the default adapter {pipe.default_adapter!r}",
+        )
+    return adapter

@@ -60,7 +60,14 @@ class Settings(BaseSettings):
         description='Named LoRA adapter files, e.g. {"identity": "/w/identity.safetensors"}. JSON in DSD_ADAPTERS.',
     )
     default_adapter: str | None = Field(
-        None, description="Adapter used when a request names none; the first configured adapter when unset."
+        None, description="Adapter used when a request names no mode; the first loaded adapter when unset, since a "
+        "service with one adapter (the official release) should serve it without further settings.",
+    )
+    mode_adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description='Adapter each request mode selects, e.g. {"identity": "dsd"} to serve the official LoRA loaded '
+        "under another name. JSON in DSD_MODE_ADAPTERS. A mode not listed selects the adapter of its own name, so "
+        "adapters named after the modes need no mapping.",
     )
     fuse_adapters: bool = Field(
         False,
@@ -112,6 +119,15 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="When set, requests need `Authorization: Bearer <key>`.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC listen port (0 disables the gRPC server).")
     grpc_host: str = Field("0.0.0.0", description="gRPC listen address.")
+    grpc_tls_cert: Path | None = Field(
+        None, description="PEM certificate chain of the gRPC server; with grpc_tls_key it turns on TLS. Unset: "
+        "plaintext, for a mesh or ingress that terminates TLS in front of the pod.",
+    )
+    grpc_tls_key: Path | None = Field(None, description="PEM private key of grpc_tls_cert.")
+    grpc_tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle; when set, gRPC clients must present a certificate it signed (mutual TLS). "
+        "Unset: any client may connect, and the API key authenticates it.",
+    )
     max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="Largest request body / reference upload.")
     max_images: int = Field(4, ge=1, le=16, description="Images per request (each is one engine request).")
     default_deadline_s: float = Field(300.0, gt=0, description="Deadline when a request sets none.")
@@ -135,6 +151,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_adapter {self.default_adapter!r} is not one of the configured adapters {sorted(self.adapters)}"
             )
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            given, missing = ("cert", "key") if self.grpc_tls_key is None else ("key", "cert")
+            raise ValueError(f"DSD_GRPC_TLS_{given.upper()} is set without DSD_GRPC_TLS_{missing.upper()}; "
+                             "TLS needs both the certificate and its private key")
+        if self.grpc_tls_client_ca is not None and self.grpc_tls_cert is None:
+            raise ValueError("DSD_GRPC_TLS_CLIENT_CA needs DSD_GRPC_TLS_CERT and DSD_GRPC_TLS_KEY: client "
+                             "certificates are only verified over TLS")
         if self.drain_timeout_s <= self.max_deadline_s:
             raise ValueError(
                 f"drain_timeout_s ({self.drain_timeout_s}) must exceed max_deadline_s ({self.max_deadline_s}) so that "

@@ -40,8 +40,10 @@ def to_params(request: pb.GenerateRequest, time_remaining: float | None, max_dea
 
 
 def mode_label(request: pb.GenerateRequest) -> str:
-    """The request's mode for metrics labels, `unknown` when it is not one of ours."""
-    return MODES.get(request.mode or pb.MODE_IDENTITY, "unknown")
+    """The request's mode for metrics labels: `default` when it names none, `unknown` when it is not one of ours."""
+    if request.mode == pb.MODE_UNSPECIFIED:
+        return "default"
+    return MODES.get(request.mode, "unknown")
 
 
 def to_response(result: GenerationResult, submission: Submission, runtime: Runtime) -> pb.GenerateResponse:
@@ -50,7 +52,7 @@ def to_response(result: GenerationResult, submission: Submission, runtime: Runti
         images=result.images,
         format=FORMAT_VALUES[params.output_format],
         seeds=result.seeds,
-        mode=MODE_VALUES[params.mode],
+        mode=MODE_VALUES.get(params.mode, pb.MODE_UNSPECIFIED),
         size=submission.size,
         profile=runtime.profile,
         request_id=submission.request_id,

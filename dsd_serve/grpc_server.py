@@ -1,10 +1,11 @@
 """The gRPC transport: `dsd.v1.DSDService` on grpc.aio, in the process of the HTTP server and sharing its runtime.
 
-    call → StatusInterceptor (request id, API key, error → status, latency metric)
+    call → StatusInterceptor (request id, API key, decoding, error → status, latency metric)
          → DSDServicer (proto → GenerateParams → Runtime.submit → result or progress events → proto)
 
 The server runs on its own thread and event loop, so it answers health checks while the model loads and while the
-HTTP side drains. The contract, status codes included, is `proto/dsd/v1/dsd.proto`.
+HTTP side drains. The contract, status codes included, is `proto/dsd/v1/dsd.proto`. With `DSD_GRPC_TLS_CERT` and
+`DSD_GRPC_TLS_KEY` it serves TLS, and with `DSD_GRPC_TLS_CLIENT_CA` it requires client certificates that CA signed.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import time
 import uuid
 from contextlib import aclosing, asynccontextmanager
 from contextvars import ContextVar
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import SecretStr, ValidationError
@@ -63,6 +66,12 @@ class RpcFault(Exception):
         super().__init__(message)
 
 
+def cancel_reason(context) -> str:
+    """Why a call ended before its handler: `timeout` when its deadline has (all but) passed, else `cancelled`."""
+    remaining = context.time_remaining()
+    return "timeout" if remaining is not None and remaining < DEADLINE_SLACK_S else "cancelled"
+
+
 def status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str, tuple, str]:
     """The status code, message, extra trailing metadata and metrics outcome of a failed call: the one error mapping
     of this transport. Server faults are logged with the request id."""
@@ -89,7 +98,9 @@ def status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str, t
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Around every DSDService call (health and reflection pass untouched): names the request, checks the API key,
-    turns any failure into its status with `status_for`, and records the latency by outcome."""
+    decodes the request message, turns any failure into its status with `status_for`, and records the latency by
+    outcome. Decoding happens here rather than in gRPC, so that bytes which are not a request message get a status
+    of ours and a metric like every other refusal."""
 
     def __init__(self, api_key: SecretStr | None):
         self.api_key = api_key
@@ -98,31 +109,33 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
             return handler
+        decode = handler.request_deserializer
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+                self._wrap_stream(handler.unary_stream, decode), None, handler.response_serializer
             )
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            self._wrap_unary(handler.unary_unary, decode), None, handler.response_serializer
         )
 
-    def _wrap_unary(self, behavior):
-        async def unary(request, context):
-            async with self._call(request, context):
+    def _wrap_unary(self, behavior, decode):
+        async def unary(message: bytes, context):
+            async with self._call(message, decode, context) as request:
                 return await behavior(request, context)
 
         return unary
 
-    def _wrap_stream(self, behavior):
-        async def stream(request, context):
-            async with self._call(request, context), aclosing(behavior(request, context)) as responses:
-                async for response in responses:
-                    yield response
+    def _wrap_stream(self, behavior, decode):
+        async def stream(message: bytes, context):
+            async with self._call(message, decode, context) as request:
+                async with aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
 
         return stream
 
     @asynccontextmanager
-    async def _call(self, request, context):
+    async def _call(self, message: bytes, decode, context):
         started = time.monotonic()
         supplied = dict(context.invocation_metadata()).get("x-request-id", "")
         request_id = supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
@@ -130,19 +143,31 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         trailing = (("x-request-id", request_id),)
         context.set_trailing_metadata(trailing)
         outcome = "ok"
+        request = None
         try:
             self._authenticate(context)
-            yield
+            request = self._decode(message, decode)
+            yield request
         except (asyncio.CancelledError, GeneratorExit):
-            remaining = context.time_remaining()
-            outcome = "timeout" if remaining is not None and remaining < DEADLINE_SLACK_S else "cancelled"
+            outcome = cancel_reason(context)
             raise
         except Exception as exc:
-            code, message, metadata, outcome = status_for(exc, request_id)
-            await context.abort(code, message, trailing_metadata=trailing + metadata)
+            code, details, metadata, outcome = status_for(exc, request_id)
+            await context.abort(code, details, trailing_metadata=trailing + metadata)
         finally:
-            labels = dict(transport="grpc", mode=convert.mode_label(request), outcome=outcome)
+            mode = convert.mode_label(request) if request is not None else "unknown"
+            labels = dict(transport="grpc", mode=mode, outcome=outcome)
             metrics.REQUEST_DURATION.labels(**labels).observe(time.monotonic() - started)
+
+    @staticmethod
+    def _decode(message: bytes, decode):
+        try:
+            return decode(message)
+        except DecodeError as exc:
+            name = dsd_pb2.GenerateRequest.DESCRIPTOR.full_name
+            raise RpcFault(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the request ({len(message)} bytes) is not a serialized {name} message",
+                           "invalid_argument") from exc
 
     def _authenticate(self, context) -> None:
         if self.api_key is None:
@@ -173,7 +198,7 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
 
     async def Generate(self, request, context):
         runtime, submission = await self._submit(request, context)
-        result = await submission.result()
+        result = await submission.result(cancel_reason=lambda: cancel_reason(context))
         return convert.to_response(result, submission, runtime)
 
     async def GenerateStream(self, request, context):
@@ -186,11 +211,35 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
                     message = convert.to_event(index, event)
                     if message is not None:
                         yield message
-            result = await submission.result()
+            result = await submission.result(cancel_reason=lambda: cancel_reason(context))
         except BaseException:
-            submission.cancel()
+            submission.cancel(cancel_reason(context))
             raise
         yield convert.to_result_event(result, submission, runtime)
+
+
+def read_pem(path: Path, setting: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{setting} {str(path)!r} cannot be read: {exc.strerror}") from exc
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{setting} {str(path)!r} is not a PEM file (no -----BEGIN line)")
+    return data
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files, requiring client certificates when a client CA is set; None
+    for plaintext. Unreadable files raise `ValueError` naming the setting, so the server refuses to start."""
+    if settings.grpc_tls_cert is None or settings.grpc_tls_key is None:
+        return None
+    key = read_pem(settings.grpc_tls_key, "DSD_GRPC_TLS_KEY")
+    chain = read_pem(settings.grpc_tls_cert, "DSD_GRPC_TLS_CERT")
+    client_ca = None
+    if settings.grpc_tls_client_ca is not None:
+        client_ca = read_pem(settings.grpc_tls_client_ca, "DSD_GRPC_TLS_CLIENT_CA")
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 class GrpcServer:
@@ -204,6 +253,7 @@ class GrpcServer:
         self.port: int | None = None
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._credentials: grpc.ServerCredentials | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="dsd-grpc", daemon=True)
 
@@ -211,10 +261,14 @@ class GrpcServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def start(self) -> int:
-        """Listen on `grpc_host:grpc_port`; returns the bound port."""
+        """Listen on `grpc_host:grpc_port`, over TLS when the settings name a certificate; returns the bound port."""
+        self._credentials = server_credentials(self.settings)
         self._thread.start()
         self.port = self._run(self._start())
-        logger.info("gRPC %s listening on %s:%d", SERVICE_NAME, self.settings.grpc_host, self.port)
+        security = "plaintext" if self._credentials is None else "TLS"
+        if self.settings.grpc_tls_client_ca is not None:
+            security = "mutual TLS"
+        logger.info("gRPC %s listening on %s:%d (%s)", SERVICE_NAME, self.settings.grpc_host, self.port, security)
         return self.port
 
     async def _start(self) -> int:
@@ -229,7 +283,11 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        port = self._server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        if self._credentials is None:
+            port = self._server.add_insecure_port(address)
+        else:
+            port = self._server.add_secure_port(address, self._credentials)
         await self._server.start()
         return port
 

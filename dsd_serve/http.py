@@ -192,7 +192,7 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
                                   headers={"Retry-After": "5"})
             authenticate(request, runtime)
             params, image = await parse_request(request, runtime)
-            mode = params.mode
+            mode = params.mode or "default"
             submission = await runtime.submit(params, image, request_id=request_id)
             result = await wait_watching_client(request, submission)
         except Exception as exc:

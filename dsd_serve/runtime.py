@@ -13,7 +13,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from PIL import Image
 
@@ -57,9 +57,10 @@ class Submission:
     jobs: list[Job]
     arrived: float
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Cancel every job; `reason` as in `Job.cancel`."""
         for job in self.jobs:
-            job.cancel()
+            job.cancel(reason)
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         """(image index, event) for every job, as they happen, until all jobs ended."""
@@ -83,12 +84,13 @@ class Submission:
             for task in tasks:
                 task.cancel()
 
-    async def result(self) -> GenerationResult:
-        """Wait for every image; if the wait is cancelled (client gone) the jobs are cancelled too."""
+    async def result(self, cancel_reason: Callable[[], str] = lambda: "cancelled") -> GenerationResult:
+        """Wait for every image; if the wait is cancelled (client gone, or the transport's deadline fired) the jobs are
+        cancelled too, for the reason `cancel_reason()` gives then."""
         try:
             results: list[JobResult] = await asyncio.gather(*(job.result() for job in self.jobs))
         except BaseException:
-            self.cancel()
+            self.cancel(cancel_reason())
             raise
         images = await asyncio.to_thread(
             lambda: [encode_image(r.image, self.params.output_format) for r in results]

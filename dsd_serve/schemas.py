@@ -19,7 +19,7 @@ class GenerateParams(BaseModel):
 
     prompt: Annotated[str, Field(min_length=1, max_length=limits.MAX_PROMPT_CHARS)]
     negative_prompt: Annotated[str, Field(max_length=limits.MAX_PROMPT_CHARS)] = ""
-    mode: Mode = "identity"
+    mode: Mode | None = Field(None, description="selects the adapter (DSD_MODE_ADAPTERS); absent: the default adapter")
     steps: Annotated[int, Field(ge=limits.MIN_STEPS, le=limits.MAX_STEPS)] = 28
     guidance: Annotated[float, Field(ge=limits.MIN_GUIDANCE, le=limits.MAX_GUIDANCE)] = 3.5
     image_guidance: Annotated[float, Field(ge=limits.MIN_CFG, le=limits.MAX_CFG)] = 1.0
@@ -47,7 +47,7 @@ class GenerateResponse(BaseModel):
     images: list[str] = Field(description="generated images, base64, in `format`")
     format: OutputFormat
     seeds: list[int] = Field(description="the seed of each image; send it back to reproduce the image")
-    mode: Mode
+    mode: Mode | None = Field(description="the request's mode; null when it named none (the default adapter served)")
     size: int
     profile: str = Field(description="`tiny` (embedded random components: noise-like images) or `real`")
     request_id: str

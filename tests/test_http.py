@@ -68,7 +68,7 @@ def test_success_and_same_seed_same_bytes(server):
     document = first.json()
     assert document["seeds"] == [5]
     assert document["profile"] == "tiny" and "noise-like" in document["notice"]
-    assert document["size"] == 64 and document["mode"] == "identity"
+    assert document["size"] == 64 and document["mode"] is None
     assert first.headers["x-request-id"] == document["request_id"]
     assert set(document["timings"]) == {"queue_s", "run_s", "total_s"}
     image = decode(first)

@@ -3,9 +3,9 @@
 import pytest
 from safetensors.torch import save_file
 
-from dsd_model import DSDPipeline, WeightsError
+from dsd_model import DSDPipeline, InputError, WeightsError
 from dsd_model.convert import convert_checkpoint
-from dsd_model.loading import load_pipeline
+from dsd_model.loading import adapter_for_mode, load_pipeline
 from dsd_model.settings import Settings
 from dsd_model.tiny import tiny_lora_state_dict
 from helpers import random_image, write_tiny_weights
@@ -69,3 +69,54 @@ def test_settings_refuse_inconsistent_values():
         Settings(fuse_adapters=True)
     with pytest.raises(ValueError, match="drain_timeout_s"):
         Settings(max_deadline_s=900, drain_timeout_s=600)
+
+
+def test_modes_select_adapters_through_the_mapping():
+    pipe = load_pipeline(Settings(profile="tiny", mode_adapters={"identity": "structure"}))
+    assert pipe.default_adapter == "identity"
+    assert adapter_for_mode(pipe, None) == "identity"
+    assert adapter_for_mode(pipe, "identity") == "structure"
+    assert adapter_for_mode(pipe, "structure") == "structure"
+    with pytest.raises(InputError, match="'sketch' is not one of identity, structure"):
+        adapter_for_mode(pipe, "sketch")
+
+
+def test_official_lora_under_another_name_serves_the_default_and_its_mapped_mode(weights):
+    root, _ = weights
+    lora = root / "pytorch_lora_weights.safetensors"
+    plain = load_pipeline(Settings(model_dir=root / "flux", transformer_path=root / "official", adapters={"dsd": lora}))
+    assert adapter_for_mode(plain, None) == "dsd"
+    with pytest.raises(InputError) as refused:
+        adapter_for_mode(plain, "identity")
+    assert refused.value.field == "mode"
+    assert "modes served: none; loaded adapters: dsd; omit the mode to use the default adapter 'dsd'" in str(refused.value)
+
+    mapped = load_pipeline(Settings(model_dir=root / "flux", transformer_path=root / "official", adapters={"dsd": lora},
+                                    mode_adapters={"identity": "dsd"}))
+    assert adapter_for_mode(mapped, "identity") == "dsd" and adapter_for_mode(mapped, None) == "dsd"
+    with pytest.raises(InputError, match="'structure' has no adapter loaded on this server; modes served: identity"):
+        adapter_for_mode(mapped, "structure")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(mode_adapters={"identity": "dsd"}), "DSD_MODE_ADAPTERS maps mode 'identity' to adapter 'dsd', which is "
+                                                  "not loaded; loaded adapters: identity, structure"),
+        (dict(mode_adapters={"sketch": "identity"}), "DSD_MODE_ADAPTERS names 'sketch', which is not a mode"),
+        (dict(default_adapter="dsd"), "DSD_DEFAULT_ADAPTER 'dsd' is not loaded"),
+    ],
+)
+def test_adapter_settings_naming_unloaded_adapters_stop_the_start(settings, message):
+    with pytest.raises(ValueError, match=message):
+        load_pipeline(Settings(profile="tiny", **settings))
+
+
+def test_grpc_tls_half_configurations_are_refused(tmp_path):
+    pem = tmp_path / "server.pem"
+    with pytest.raises(ValueError, match="DSD_GRPC_TLS_CERT is set without DSD_GRPC_TLS_KEY"):
+        Settings(grpc_tls_cert=pem)
+    with pytest.raises(ValueError, match="DSD_GRPC_TLS_KEY is set without DSD_GRPC_TLS_CERT"):
+        Settings(grpc_tls_key=pem)
+    with pytest.raises(ValueError, match="DSD_GRPC_TLS_CLIENT_CA needs DSD_GRPC_TLS_CERT and DSD_GRPC_TLS_KEY"):
+        Settings(grpc_tls_client_ca=pem)
