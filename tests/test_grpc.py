@@ -1,6 +1,8 @@
 """The gRPC API on the real BentoML server (loopback, tiny profile): results, progress, status codes, health."""
 
 import base64
+import datetime
+import ipaddress
 import logging
 import math
 import os
@@ -11,12 +13,18 @@ from dataclasses import dataclass
 import grpc
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from dsd_serve.grpc_server import status_for
+from dsd_model.settings import Settings
+from dsd_serve.grpc_server import GrpcServer, server_credentials, status_for
 from dsd_serve.grpc_stubs import dsd_pb2 as pb
 from dsd_serve.grpc_stubs import dsd_pb2_grpc
+from dsd_serve.runtime import Runtime
 from helpers import png_bytes, random_image
 from servers import Server, start_service, wait_ready
 
@@ -97,7 +105,7 @@ def test_unary_equals_rest_and_stream(main):
     metadata = AUTH + (("x-request-id", "grpc-test-1"),)
     response, call = main.stub.Generate.with_call(request(), metadata=metadata, timeout=120)
     assert list(response.seeds) == [5] and response.size == 64
-    assert response.mode == pb.MODE_IDENTITY and response.format == pb.OUTPUT_FORMAT_PNG
+    assert response.mode == pb.MODE_UNSPECIFIED and response.format == pb.OUTPUT_FORMAT_PNG
     assert response.profile == "tiny" and "noise-like" in response.notice
     assert response.request_id == "grpc-test-1"
     assert ("x-request-id", "grpc-test-1") in [(item.key, item.value) for item in call.trailing_metadata()]
@@ -156,17 +164,30 @@ def test_api_key_is_required(main):
         assert "authorization: Bearer" in error.details()
 
 
-def test_deadline_reaches_the_engine(main):
-    def ended_early() -> float:
-        return main.server.metric("dsd_requests_timed_out_total") + main.server.metric("dsd_requests_cancelled_total")
-
-    before = ended_early()
-    error = rpc_error(main.stub.Generate, request(steps=100, image_guidance=2.0), metadata=AUTH, timeout=1.0)
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+def test_deadline_reaches_the_engine_and_counts_as_a_timeout(main, rpc):
+    timed_out = main.server.metric("dsd_requests_timed_out_total")
+    cancelled = main.server.metric("dsd_requests_cancelled_total")
+    slow = request(steps=100, image_guidance=2.0, num_images=2)
+    if rpc == "Generate":
+        error = rpc_error(main.stub.Generate, slow, metadata=AUTH, timeout=1.0)
+    else:
+        error = rpc_error(list, main.stub.GenerateStream(slow, metadata=AUTH, timeout=1.0))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    end = time.monotonic() + 30
-    while ended_early() < before + 1:
-        assert time.monotonic() < end, "the expired request stayed in the engine"
-        time.sleep(0.05)
+    main.server.wait_for_metric("dsd_requests_timed_out_total", minimum=timed_out + 2, timeout=30)
+    assert main.server.metric("dsd_requests_cancelled_total") == cancelled
+
+
+def test_undecodable_request_is_invalid_argument_and_counted(main):
+    labels = dict(transport="grpc", mode="unknown", outcome="invalid_argument")
+    before = main.server.metric("dsd_request_duration_seconds_count", **labels)
+    raw = main.channel.unary_unary(f"/{SERVICE}/Generate")
+    for garbage in (b"\xff\xff\xff", b"\x0a\xff\xff\xff\x0f" + REFERENCE[:64]):
+        error = rpc_error(raw, garbage, metadata=AUTH, timeout=30)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details() == f"the request ({len(garbage)} bytes) is not a serialized dsd.v1.GenerateRequest message"
+        assert dict(error.trailing_metadata())["x-request-id"]
+    assert main.server.metric("dsd_request_duration_seconds_count", **labels) == before + 2
 
 
 def test_health_and_reflection(main):
@@ -234,3 +255,105 @@ def test_sigterm_turns_health_not_serving_while_admitted_work_finishes(tight):
     running.cancel()
     assert list(waiting.result(timeout=60).seeds) == [5]
     assert tight.server.process.wait(timeout=60) == 0
+
+
+def write_certificates(directory) -> dict:
+    """A CA, a server certificate it signed for 127.0.0.1 and localhost, and a client certificate it signed; PEM
+    files in `directory`, returned by name."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dsd test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def issue(name: str, usage, alternative_names):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if alternative_names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
+        certificate = builder.sign(ca_key, hashes.SHA256())
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+    files = {"ca": ca.public_bytes(serialization.Encoding.PEM)}
+    files["server"], files["server_key"] = issue(
+        "dsd server", ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    files["client"], files["client_key"] = issue("dsd client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    paths = {}
+    for name, data in files.items():
+        paths[name] = directory / f"{name}.pem"
+        paths[name].write_bytes(data)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    """In-process gRPC servers on one tiny runtime: `tls` (server certificate) and `mtls` (client certificates
+    required too), with the certificate files."""
+    certificates = write_certificates(tmp_path_factory.mktemp("certificates"))
+    common = dict(profile="tiny", grpc_host="127.0.0.1", grpc_port=0, grpc_tls_cert=certificates["server"],
+                  grpc_tls_key=certificates["server_key"])
+    runtime = Runtime(Settings(**common))
+    runtime.start()
+    servers = {"tls": GrpcServer(Settings(**common)),
+               "mtls": GrpcServer(Settings(**common, grpc_tls_client_ca=certificates["ca"]))}
+    for server in servers.values():
+        server.start()
+        server.attach(runtime)
+    yield servers, certificates
+    runtime.drain()
+    for server in servers.values():
+        server.stop()
+
+
+def secure_channel(server: GrpcServer, certificates: dict, client_certificate: bool) -> grpc.Channel:
+    client = {}
+    if client_certificate:
+        client = dict(private_key=certificates["client_key"].read_bytes(),
+                      certificate_chain=certificates["client"].read_bytes())
+    credentials = grpc.ssl_channel_credentials(root_certificates=certificates["ca"].read_bytes(), **client)
+    return grpc.secure_channel(f"127.0.0.1:{server.port}", credentials)
+
+
+def generate_over(channel: grpc.Channel) -> pb.GenerateResponse:
+    with channel:
+        return dsd_pb2_grpc.DSDServiceStub(channel).Generate(request(steps=2), timeout=60)
+
+
+def test_tls_serves_verified_clients_and_refuses_plaintext(tls):
+    servers, certificates = tls
+    response = generate_over(secure_channel(servers["tls"], certificates, client_certificate=False))
+    assert list(response.seeds) == [5] and response.images[0].startswith(b"\x89PNG")
+    error = rpc_error(generate_over, grpc.insecure_channel(f"127.0.0.1:{servers['tls'].port}"))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(tls):
+    servers, certificates = tls
+    error = rpc_error(generate_over, secure_channel(servers["mtls"], certificates, client_certificate=False))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    response = generate_over(secure_channel(servers["mtls"], certificates, client_certificate=True))
+    assert list(response.seeds) == [5] and response.images[0].startswith(b"\x89PNG")
+
+
+def test_unreadable_tls_files_stop_the_start(tmp_path):
+    settings = Settings(grpc_tls_cert=tmp_path / "missing.pem", grpc_tls_key=tmp_path / "missing.pem")
+    with pytest.raises(ValueError, match=r"DSD_GRPC_TLS_KEY '.*missing.pem' cannot be read"):
+        server_credentials(settings)
+    (tmp_path / "key.pem").write_text("not a key")
+    settings = Settings(grpc_tls_cert=tmp_path / "missing.pem", grpc_tls_key=tmp_path / "key.pem")
+    with pytest.raises(ValueError, match=r"DSD_GRPC_TLS_KEY '.*key.pem' is not a PEM file"):
+        server_credentials(settings)
