@@ -1,17 +1,24 @@
-"""A freshly trained adapter serves as a named mode with no conversion step: training → file → service."""
+"""Adapters through the real service: a freshly trained adapter serves as a named mode with no conversion step
+(training → file → service), and the official LoRA file serves under a name that is no mode, as the default adapter
+and as the mode DSD_MODE_ADAPTERS maps to it, over REST and gRPC alike."""
 
 import base64
 import io
 import json
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import save_file
 
 from dsd_model import DSDPipeline
 from dsd_model.data.pairs import Pair, write_pairs
+from dsd_model.tiny import tiny_lora_state_dict
 from dsd_model.training import TrainConfig, train
+from dsd_serve.grpc_stubs import dsd_pb2 as pb
+from dsd_serve.grpc_stubs import dsd_pb2_grpc
 from helpers import png_bytes, random_image, write_tiny_weights
 from servers import start_service, wait_ready
 
@@ -60,4 +67,53 @@ def test_trained_adapter_serves_as_a_mode(trained, tmp_path):
     pipe.load_adapter(adapter, "structure")
     adapted = np.asarray(pipe(image, "a toy", adapter="structure", **kwargs).images[0], dtype=np.int16)
     assert np.abs(served - adapted).max() <= 1
+    assert np.abs(adapted - base).max() > 1
+
+
+def test_official_lora_under_another_name_serves_the_default_and_its_mapped_mode(tmp_path):
+    components = write_tiny_weights(tmp_path)
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(tiny_lora_state_dict(components["transformer"], seed=3), str(lora))
+    server = start_service(tmp_path, profile="real", model_dir=str(tmp_path / "flux"),
+                           transformer_path=str(tmp_path / "fused"), adapters=json.dumps({"dsd": str(lora)}),
+                           mode_adapters=json.dumps({"identity": "dsd"}))
+    reference = png_bytes(random_image(seed=7))
+    payload = dict(image=base64.b64encode(reference).decode(), prompt="a toy", steps=3, size=64, seed=2)
+    try:
+        wait_ready(server)
+        served = {}
+        for mode in (None, "identity"):
+            body = payload if mode is None else payload | {"mode": mode}
+            response = httpx.post(f"{server.url}/generate", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            assert response.json()["mode"] == mode
+            served[mode] = base64.b64decode(response.json()["images"][0])
+        refused = httpx.post(f"{server.url}/generate", json=payload | {"mode": "structure"}, timeout=60)
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "mode"
+        message = refused.json()["error"]["message"]
+        assert "modes served: identity; loaded adapters: dsd; omit the mode to use the default adapter 'dsd'" in message
+
+        with grpc.insecure_channel(f"127.0.0.1:{server.env['DSD_GRPC_PORT']}") as channel:
+            stub = dsd_pb2_grpc.DSDServiceStub(channel)
+            request = pb.GenerateRequest(image=reference, prompt="a toy", steps=3, size=64, seed=2)
+            for mode in (pb.MODE_UNSPECIFIED, pb.MODE_IDENTITY):
+                request.mode = mode
+                assert list(stub.Generate(request, timeout=120).images) == [served[None]]
+            request.mode = pb.MODE_STRUCTURE
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Generate(request, timeout=60)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error.value.details() == message
+    finally:
+        assert server.stop() == 0, server.log_tail()
+    assert served[None] == served["identity"]
+
+    pipe = DSDPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.open(io.BytesIO(reference)).convert("RGB")
+    kwargs = dict(num_inference_steps=3, size=64, seed=2)
+    base = np.asarray(pipe(image, "a toy", **kwargs).images[0], dtype=np.int16)
+    pipe.load_adapter(lora, "dsd")
+    adapted = np.asarray(pipe(image, "a toy", adapter="dsd", **kwargs).images[0], dtype=np.int16)
+    served_pixels = np.asarray(Image.open(io.BytesIO(served[None])), dtype=np.int16)
+    assert np.abs(served_pixels - adapted).max() <= 1
     assert np.abs(adapted - base).max() > 1
