@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -26,7 +28,7 @@ from dsd_serve.grpc_stubs import dsd_pb2 as pb
 from dsd_serve.grpc_stubs import dsd_pb2_grpc
 from dsd_serve.runtime import Runtime
 from helpers import png_bytes, random_image
-from servers import Server, start_service, wait_ready
+from servers import ROOT, Server, start_service, wait_ready
 
 KEY = "test-key-0123456789"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -357,3 +359,17 @@ def test_unreadable_tls_files_stop_the_start(tmp_path):
     settings = Settings(grpc_tls_cert=tmp_path / "missing.pem", grpc_tls_key=tmp_path / "key.pem")
     with pytest.raises(ValueError, match=r"DSD_GRPC_TLS_KEY '.*key.pem' is not a PEM file"):
         server_credentials(settings)
+
+
+def test_example_client_speaks_mutual_tls(tls, tmp_path):
+    servers, certificates = tls
+    (tmp_path / "reference.png").write_bytes(REFERENCE)
+    command = [sys.executable, str(ROOT / "examples/grpc_client.py"), "--target", f"127.0.0.1:{servers['mtls'].port}",
+               "--image", str(tmp_path / "reference.png"), "--prompt", "a toy", "--steps", "2", "--size", "64",
+               "--seed", "5", "--out", str(tmp_path / "out.png"), "--tls-ca", str(certificates["ca"])]
+    client_certificate = ["--tls-cert", str(certificates["client"]), "--tls-key", str(certificates["client_key"])]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stderr.startswith("UNAVAILABLE")
+    done = subprocess.run(command + client_certificate, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "seed 5" in done.stdout and (tmp_path / "out.png").read_bytes().startswith(b"\x89PNG")
