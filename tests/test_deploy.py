@@ -284,13 +284,55 @@ def test_monitoring_and_scaling(overlay, monkeypatch):
 
 
 @each_overlay
-def test_secrets_left_to_the_operator_are_documented(overlay):
-    rendered = {doc["metadata"]["name"] for doc in objects(overlay, "Secret")}
-    for variable in container(overlay)["env"]:
+def test_tls_files_come_from_a_read_only_secret_and_the_ingress_terminates_https(overlay, monkeypatch):
+    settings = settings_of(overlay, monkeypatch)
+    server = container(overlay)
+    volumes = {volume["name"]: volume for volume in named(overlay, "Deployment", SERVICE)["spec"]["template"]["spec"]
+               ["volumes"]}
+    for path in (settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca):
+        if path is None:
+            continue
+        (mount,) = [mount for mount in server["volumeMounts"] if path.parent == Path(mount["mountPath"])]
+        assert mount["readOnly"] is True and "secret" in volumes[mount["name"]], path
+    ports = {port["name"] for port in named(overlay, "Service", SERVICE)["spec"]["ports"]}
+    for ingress in objects(overlay, "Ingress"):
+        secured = {host for entry in ingress["spec"]["tls"] for host in entry["hosts"]}
+        assert all(entry["secretName"] for entry in ingress["spec"]["tls"])
+        for rule in ingress["spec"]["rules"]:
+            assert rule["host"] in secured, f"{rule['host']} would be served without TLS"
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                assert backend["name"] == SERVICE and backend["port"]["name"] in ports
+    if settings.resolved_profile == "real":
+        assert settings.grpc_tls_cert is not None and objects(overlay, "Ingress")
+
+
+def operator_secrets(overlay: str) -> list[str]:
+    """How the README must tell the operator to create each Secret the overlay names but does not render."""
+    server = container(overlay)
+    pod = named(overlay, "Deployment", SERVICE)["spec"]["template"]["spec"]
+    commands = []
+    for variable in server["env"]:
         reference = variable.get("valueFrom", {}).get("secretKeyRef")
-        if reference and reference["name"] not in rendered:
-            assert f"create secret generic {reference['name']} --from-literal={reference['key']}=" in \
-                OPERATING.read_text()
+        if reference:
+            commands.append((reference["name"], f"create secret generic {reference['name']} "
+                                                f"--from-literal={reference['key']}="))
+    mounted = {mount["name"] for mount in server["volumeMounts"]}
+    for volume in pod["volumes"]:
+        if "secret" in volume and volume["name"] in mounted:
+            name = volume["secret"]["secretName"]
+            commands.append((name, f"create secret tls {name} "))
+    for ingress in objects(overlay, "Ingress"):
+        commands += [(entry["secretName"], f"create secret tls {entry['secretName']} ")
+                     for entry in ingress["spec"]["tls"]]
+    rendered = {doc["metadata"]["name"] for doc in objects(overlay, "Secret")}
+    return [command for name, command in commands if name not in rendered]
+
+
+@each_overlay
+def test_secrets_left_to_the_operator_are_documented(overlay):
+    for command in operator_secrets(overlay):
+        assert command in OPERATING.read_text(), command
 
 
 def dashboard_expressions() -> list[str]:
