@@ -63,7 +63,7 @@ class Settings(BaseSettings):
         None, description="Adapter used when a request names no mode; the first loaded adapter when unset, since a "
         "service with one adapter (the official release) should serve it without further settings.",
     )
-    mode_adapters: dict[str, str] = Field(
+    mode_adapters: dict[Literal["identity", "structure"], str] = Field(
         default_factory=dict,
         description='Adapter each request mode selects, e.g. {"identity": "dsd"} to serve the official LoRA loaded '
         "under another name. JSON in DSD_MODE_ADAPTERS. A mode not listed selects the adapter of its own name, so "
@@ -151,6 +151,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_adapter {self.default_adapter!r} is not one of the configured adapters {sorted(self.adapters)}"
             )
+        unloaded = {mode: name for mode, name in self.mode_adapters.items() if name not in self.adapters}
+        if unloaded and self.resolved_profile == "real":
+            raise ValueError(f"DSD_MODE_ADAPTERS maps {unloaded} to adapters that DSD_ADAPTERS does not configure "
+                             f"({', '.join(self.adapters) or 'none'})")
         if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
             given, missing = ("cert", "key") if self.grpc_tls_key is None else ("key", "cert")
             raise ValueError(f"DSD_GRPC_TLS_{given.upper()} is set without DSD_GRPC_TLS_{missing.upper()}; "

@@ -187,7 +187,8 @@ def test_undecodable_request_is_invalid_argument_and_counted(main):
     for garbage in (b"\xff\xff\xff", b"\x0a\xff\xff\xff\x0f" + REFERENCE[:64]):
         error = rpc_error(raw, garbage, metadata=AUTH, timeout=30)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert error.details() == f"the request ({len(garbage)} bytes) is not a serialized dsd.v1.GenerateRequest message"
+        expected = f"the request ({len(garbage)} bytes) is not a serialized dsd.v1.GenerateRequest message"
+        assert error.details() == expected
         assert dict(error.trailing_metadata())["x-request-id"]
     assert main.server.metric("dsd_request_duration_seconds_count", **labels) == before + 2
 

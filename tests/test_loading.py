@@ -89,7 +89,8 @@ def test_official_lora_under_another_name_serves_the_default_and_its_mapped_mode
     with pytest.raises(InputError) as refused:
         adapter_for_mode(plain, "identity")
     assert refused.value.field == "mode"
-    assert "modes served: none; loaded adapters: dsd; omit the mode to use the default adapter 'dsd'" in str(refused.value)
+    expected = "modes served: none; loaded adapters: dsd; omit the mode to use the default adapter 'dsd'"
+    assert expected in str(refused.value)
 
     mapped = load_pipeline(Settings(model_dir=root / "flux", transformer_path=root / "official", adapters={"dsd": lora},
                                     mode_adapters={"identity": "dsd"}))
@@ -103,13 +104,21 @@ def test_official_lora_under_another_name_serves_the_default_and_its_mapped_mode
     [
         (dict(mode_adapters={"identity": "dsd"}), "DSD_MODE_ADAPTERS maps mode 'identity' to adapter 'dsd', which is "
                                                   "not loaded; loaded adapters: identity, structure"),
-        (dict(mode_adapters={"sketch": "identity"}), "DSD_MODE_ADAPTERS names 'sketch', which is not a mode"),
+        (dict(mode_adapters={"sketch": "identity"}),
+         r"(?s)mode_adapters\.sketch.*Input should be 'identity' or 'structure'"),
         (dict(default_adapter="dsd"), "DSD_DEFAULT_ADAPTER 'dsd' is not loaded"),
     ],
 )
 def test_adapter_settings_naming_unloaded_adapters_stop_the_start(settings, message):
     with pytest.raises(ValueError, match=message):
         load_pipeline(Settings(profile="tiny", **settings))
+
+
+def test_real_profile_refuses_a_mode_mapped_to_an_unconfigured_adapter_before_loading(tmp_path):
+    with pytest.raises(ValueError, match=r"DSD_MODE_ADAPTERS maps \{'identity': 'dsd'\} to adapters that DSD_ADAPTERS "
+                                         r"does not configure \(structure\)"):
+        Settings(model_dir=tmp_path, adapters={"structure": tmp_path / "s.safetensors"},
+                 mode_adapters={"identity": "dsd"})
 
 
 def test_grpc_tls_half_configurations_are_refused(tmp_path):
