@@ -1,12 +1,11 @@
 """Stage 4, `pairs`: accepted grids → the paired dataset, plus a summary and a contact sheet for a person to check.
 
-Every ordered pair of distinct panels of an accepted grid is one (reference, target, caption) pair; the caption is
-the judge's description of the target panel.
+Every ordered pair of distinct panels that curation kept (both panels consistent) is one (reference, target,
+caption) pair; the caption is the judge's description of the target panel.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections import Counter
@@ -53,13 +52,16 @@ def build_pairs(settings: DataSettings) -> dict:
                 panels = split_grid(image.convert("RGB"), layout)
             for name, panel in zip(names, panels, strict=True):
                 save_png(panel, dataset_dir / name)
-        for i, j in itertools.permutations(range(layout.panels), 2):
+        for pair in verdict["pairs"]:
+            if not pair["kept"]:
+                continue
+            i, j = pair["reference"], pair["target"]
             pairs.append(
                 Pair(
                     id=f"{grid['id']}-p{i}-p{j}",
                     reference=names[i],
                     target=names[j],
-                    caption=verdict["panels"][j],
+                    caption=verdict["panels"][j]["description"],
                     subject=verdict["subject"],
                     grid=grid["id"],
                 )
@@ -75,12 +77,34 @@ def build_pairs(settings: DataSettings) -> dict:
         "grids": {"rendered": len(grids)},
         "curation": {status: verdict_status[status] for status in ("accepted", "rejected", "failed")},
         "acceptance_rate": round(verdict_status["accepted"] / judged, 4) if judged else None,
+        "judge_calls_saved_by_prefilter": sum(v.get("judge", "").startswith("prefilter:") for v in verdicts.values()),
+        "per_panel": curation_counts(verdicts.values()),
         "pairs": len(pairs),
         "dataset_dir": str(dataset_dir),
         "contact_sheet": str(work_dir / CONTACT_SHEET_FILE),
     }
     write_json(work_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def curation_counts(verdicts) -> dict:
+    """Kept and dropped grids, panels and pairs of the judged grids under per-panel curation, and what one verdict
+    for the whole grid (kept only when every panel is consistent, then all its pairs) would have kept."""
+    judged = [verdict for verdict in verdicts if verdict["status"] != "failed"]
+    panels = [panel["consistent"] for verdict in judged for panel in verdict["panels"]]
+    pairs = [pair["kept"] for verdict in judged for pair in verdict["pairs"]]
+    whole = [verdict for verdict in judged if all(panel["consistent"] for panel in verdict["panels"])]
+    whole_pairs = sum(len(verdict["pairs"]) for verdict in whole)
+    return {
+        "grids": {"kept": sum(v["status"] == "accepted" for v in judged),
+                  "dropped": sum(v["status"] == "rejected" for v in judged)},
+        "panels": {"kept": sum(panels), "dropped": len(panels) - sum(panels)},
+        "pairs": {"kept": sum(pairs), "dropped": len(pairs) - sum(pairs)},
+        "per_grid_verdict": {
+            "grids": {"kept": len(whole), "dropped": len(judged) - len(whole)},
+            "pairs": {"kept": whole_pairs, "dropped": len(pairs) - whole_pairs},
+        },
+    }
 
 
 def contact_sheet(settings: DataSettings, grids: dict, verdicts: dict) -> Image.Image:

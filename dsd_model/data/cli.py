@@ -59,7 +59,19 @@ _GRIDS = (
     "device",
     "dtype",
 )
-_CURATE = ("work_dir", "vlm_base_url", "vlm_model", "vlm_temperature", "vlm_max_tokens", *_CHAT)
+_CURATE = (
+    "work_dir",
+    "curate_backend",
+    "embedding_model_dir",
+    "consistency_threshold",
+    "prefilter",
+    "prefilter_threshold",
+    "vlm_base_url",
+    "vlm_model",
+    "vlm_temperature",
+    "vlm_max_tokens",
+    *_CHAT,
+)
 _PAIRS = ("work_dir", "dataset_dir", "contact_sheet_limit")
 
 
@@ -75,7 +87,7 @@ def add_data_commands(subparsers) -> None:
     _add_settings_flags(grids, _GRIDS)
     grids.set_defaults(handler=_grids)
 
-    curate = subparsers.add_parser("curate", help="judge every grid with a vision-language model")
+    curate = subparsers.add_parser("curate", help="judge every panel of every grid (VLM, or offline by panel similarity)")
     _add_settings_flags(curate, _CURATE)
     curate.set_defaults(handler=_curate)
 

@@ -96,6 +96,38 @@ class DataSettings(BaseSettings):
         "auto", description="`auto` = bfloat16 on cuda (FLUX.1-dev's training precision), float32 on cpu."
     )
 
+    curate_backend: Literal["auto", "vlm", "embedding"] = Field(
+        "auto",
+        description="`vlm` asks the vision-language model about every panel; `embedding` is offline: panel "
+        "similarity from embedding_model_dir, or pixel statistics without one; `auto` = vlm when a VLM base URL is "
+        "set (vlm_base_url or llm_base_url), else embedding.",
+    )
+    embedding_model_dir: Path | None = Field(
+        None,
+        description="Local DINOv2 or CLIP checkpoint (transformers layout) for the embedding judge and the "
+        "pre-filter, never downloaded. Unset: colour-histogram pixel statistics, which see colour drift only.",
+    )
+    consistency_threshold: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Embedding judge: a panel is consistent when its similarity (embedding cosine, or histogram "
+        "intersection) reaches this with at least half of the other panels. 0.5 separates one instance from "
+        "another of its kind for DINOv2 features; tune it on the contact sheet.",
+    )
+    prefilter: bool = Field(
+        False,
+        description="Before asking the VLM, measure panel similarity; a grid with fewer than two panels reaching "
+        "prefilter_threshold is rejected without a VLM call.",
+    )
+    prefilter_threshold: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Below consistency_threshold on purpose: the pre-filter drops only clear failures and leaves "
+        "every doubtful grid to the VLM.",
+    )
+
     contact_sheet_limit: int = Field(32, ge=1, description="Grids shown per section (accepted, rejected).")
 
     @field_validator("layout")
@@ -131,6 +163,12 @@ class DataSettings(BaseSettings):
         if self.prompt_backend == "auto":
             return "llm" if self.llm_base_url else "template"
         return self.prompt_backend
+
+    @property
+    def resolved_curate_backend(self) -> Literal["vlm", "embedding"]:
+        if self.curate_backend == "auto":
+            return "vlm" if self.vlm_base_url or self.llm_base_url else "embedding"
+        return self.curate_backend
 
     @property
     def resolved_cache_dir(self) -> Path | None:
