@@ -47,6 +47,7 @@ _GRIDS = (
     "work_dir",
     "layout",
     "teacher_dir",
+    "teachers",
     "width",
     "height",
     "num_inference_steps",

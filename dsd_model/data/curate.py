@@ -34,7 +34,6 @@ from .embed import Embedder, consistent_panels, load_embedder
 from .grids import GRIDS_FILE
 from .layout import GridLayout, parse_layout, split_grid
 from .manifest import Manifest, StageReport
-from .prompts import PROMPTS_FILE
 from .settings import DataSettings
 
 logger = logging.getLogger(__name__)
@@ -159,7 +158,6 @@ def curate_grids(settings: DataSettings) -> StageReport:
     backend = settings.resolved_curate_backend
     client = ChatClient(settings.endpoint("vlm"), settings) if todo and backend == "vlm" else None
     embedder = load_embedder(settings) if todo and (backend == "embedding" or settings.prefilter) else None
-    prompts = Manifest(settings.work_dir / PROMPTS_FILE).records()
 
     def work(grid: dict) -> Verdict:
         layout = parse_layout(grid["layout"])
@@ -167,7 +165,7 @@ def curate_grids(settings: DataSettings) -> StageReport:
         if embedder is not None:
             with Image.open(path) as image:
                 panels = split_grid(image.convert("RGB"), layout)
-            captions = grid.get("panels") or prompts[grid["prompt_id"]]["panels"]
+            captions = grid["panels"]
             if client is None:
                 return embedding_verdict(
                     embedder, panels, settings.consistency_threshold, grid["subject"], captions,

@@ -14,6 +14,9 @@ from ..errors import InputError
 from ..settings import resolve_device, resolve_dtype
 from .layout import GridLayout, parse_layout
 
+TINY_TEACHER = "tiny"
+"""The teacher name of the built-in tiny FLUX pipeline."""
+
 PIXEL_MULTIPLE = 16
 """FLUX renders sizes in 16-pixel steps (VAE factor 8 times 2x2 packing) and silently resizes anything else."""
 
@@ -80,6 +83,14 @@ class DataSettings(BaseSettings):
         None,
         description="Local FLUX.1-dev directory (diffusers layout), never downloaded. Unset: the tiny built-in "
         "teacher, which renders noise-like grids (for trying the pipeline only).",
+    )
+    teachers: str | None = Field(
+        None,
+        description="Several teachers mixed in one run: comma-separated PATH=WEIGHT entries, e.g. "
+        "`/models/FLUX.1-dev=3,/models/sd3.5-large=1` (weight 1 when omitted; `tiny` names the built-in teacher). "
+        "Any local diffusers text-to-image pipeline directory works; its class is read from model_index.json. "
+        "Each grid draws its teacher from the weights by its id, so the mix does not depend on batching or order. "
+        "Unset: teacher_dir alone.",
     )
     layout: str = Field("2x2", description="COLUMNSxROWS panels per grid; the paper renders 2x2.")
     width: int = Field(1024, ge=PIXEL_MULTIPLE, description="Grid width in pixels; 1024 gives 512 px panels in 2x2.")
@@ -153,6 +164,32 @@ class DataSettings(BaseSettings):
     def _check_grid(self) -> DataSettings:
         self.grid_layout.panel_size(self.width, self.height)
         return self
+
+    @model_validator(mode="after")
+    def _check_teachers(self) -> DataSettings:
+        if self.teachers is not None and self.teacher_dir is not None:
+            raise InputError("teachers", "give teachers or teacher_dir, not both (teachers may list one entry)")
+        self.teacher_mix()
+        return self
+
+    def teacher_mix(self) -> list[tuple[str, float]]:
+        """(teacher, weight) pairs: a directory path or `tiny`, weights normalised to sum to 1."""
+        if self.teachers is None:
+            return [(str(self.teacher_dir) if self.teacher_dir else TINY_TEACHER, 1.0)]
+        mix = {}
+        for entry in self.teachers.split(","):
+            name, _, weight = entry.strip().rpartition("=") if "=" in entry else (entry.strip(), "", "1")
+            try:
+                value = float(weight)
+            except ValueError:
+                value = -1.0
+            if not name or value <= 0:
+                raise InputError("teachers", f"entry {entry.strip()!r} is not PATH or PATH=WEIGHT with a weight > 0")
+            if name in mix:
+                raise InputError("teachers", f"{name!r} is listed twice")
+            mix[name] = value
+        total = sum(mix.values())
+        return [(name, weight / total) for name, weight in mix.items()]
 
     @property
     def grid_layout(self) -> GridLayout:
