@@ -82,21 +82,30 @@ def load_embedder(settings: DataSettings) -> Embedder:
     if settings.embedding_model_dir is None:
         logger.warning(PIXEL_STATISTICS_NOTICE)
         return Embedder(PIXEL_STATISTICS)
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoModel
 
     path = Path(settings.embedding_model_dir)
+    model, processor = load_image_model(path, AutoModel, "embedding_model_dir", "DINOv2 or CLIP", settings)
+    return Embedder(f"model:{path}", model, processor)
+
+
+def load_image_model(path: Path, auto_class, field: str, kind: str, settings: DataSettings):
+    """(model in eval mode on the settings' device, image processor) from a local transformers directory;
+    `field` and `kind` name the setting and the expected checkpoint in errors."""
+    from transformers import AutoImageProcessor
+
     if not (path / "config.json").is_file():
         raise InputError(
-            "embedding_model_dir",
-            f"{str(path)!r} is not a transformers model directory (no config.json); point it at a local DINOv2 or "
-            "CLIP checkpoint",
+            field,
+            f"{str(path)!r} is not a transformers model directory (no config.json); point it at a local {kind} "
+            "checkpoint",
         )
     try:
         processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise InputError("embedding_model_dir", f"{str(path)!r} has no usable image processor ({exc})") from exc
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(settings.resolved_device())
-    return Embedder(f"model:{path}", model, processor)
+        raise InputError(field, f"{str(path)!r} has no usable image processor ({exc})") from exc
+    model = auto_class.from_pretrained(path, local_files_only=True).eval().to(settings.resolved_device())
+    return model, processor
 
 
 def consistent_panels(similarity: torch.Tensor, threshold: float) -> list[bool]:

@@ -61,7 +61,9 @@ def load_teacher(settings: DataSettings, name: str = TINY_TEACHER) -> DiffusionP
     else:
         field = "teacher_dir" if settings.teachers is None else "teachers"
         pipe = pipeline_class(Path(name), field).from_pretrained(name, torch_dtype=dtype, local_files_only=True)
-    pipe.to(device=device, dtype=dtype)
+    if pipe.dtype != dtype:
+        pipe.to(dtype=dtype)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -77,9 +79,9 @@ def pick_teacher(mix: list[tuple[str, float]], base_seed: int, grid_id: str) -> 
     return mix[-1][0]
 
 
-def render(teacher, prompts: list[str], seeds: list[int], settings: DataSettings, **extra):
-    """One batch from any text-to-image pipeline: the settings each pipeline's `__call__` accepts, seeded per
-    image."""
+def render(teacher, prompts: list[str], seeds: list[int], settings: DataSettings, **overrides):
+    """One batch from any diffusers pipeline: the grid settings each pipeline's `__call__` accepts, seeded per
+    image; `overrides` replace or add arguments (a size, a control image)."""
     call = dict(
         prompt=prompts,
         height=settings.height,
@@ -88,8 +90,8 @@ def render(teacher, prompts: list[str], seeds: list[int], settings: DataSettings
         guidance_scale=settings.guidance_scale,
         max_sequence_length=settings.max_sequence_length,
         generator=[torch.Generator().manual_seed(seed) for seed in seeds],
-        **extra,
     )
+    call.update(overrides)
     accepted = inspect.signature(teacher.__call__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
         call = {key: value for key, value in call.items() if key in accepted}

@@ -139,6 +139,33 @@ class DataSettings(BaseSettings):
         "every doubtful grid to the VLM.",
     )
 
+    recipe: Literal["identity", "structure", "relight"] = Field(
+        "identity",
+        description="What `dsd data run` makes: `identity` grids of one subject (VLM or embedding curation), "
+        "`structure` pairs rendered from one depth/edge map with two appearances, `relight` the same with two "
+        "lightings.",
+    )
+    depth_model_dir: Path | None = Field(
+        None,
+        description="Local transformers depth model (DPT, Depth Anything) for structure pairs, never downloaded. "
+        "Unset: Canny edges (OpenCV) are the control map; pair it with a Canny control teacher.",
+    )
+    control_teacher_dir: Path | None = Field(
+        None,
+        description="Local FluxControlPipeline directory (FLUX.1-Depth-dev for depth, FLUX.1-Canny-dev for edges). "
+        "Unset: a tiny built-in control pipeline with random weights (for trying the recipe only).",
+    )
+    control_guidance_scale: float = Field(
+        10.0, ge=0, le=50, description="Distilled guidance of the control teacher; 10 is FLUX.1-Depth-dev's default."
+    )
+    structure_min_agreement: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Keep a structure item when its two renderings agree this well (depth: 1 - mean absolute "
+        "difference of normalised depth; edges: F-score within one pixel). 0.8 drops pairs whose shapes moved.",
+    )
+
     contact_sheet_limit: int = Field(32, ge=1, description="Grids shown per section (accepted, rejected).")
 
     @field_validator("layout")

@@ -54,6 +54,18 @@ def test_run_completes_offline_without_any_chat_server(tmp_path, captions_file, 
     assert sum(summary["curation"].values()) == 2
 
 
+def test_run_makes_relighting_pairs_offline(tmp_path, captions_file, capsys):
+    work = tmp_path / "work"
+    flags = ["--work-dir", str(work), "--width", "64", "--height", "64", "--num-inference-steps", "2"]
+    run("run", "--captions", str(captions_file), "--limit", "2", "--prompt-backend", "template", "--recipe",
+        "relight", "--structure-min-agreement", "0", *flags)
+    out = capsys.readouterr().out
+    assert "structure: 2 done (0 failed)" in out
+    summary = json.loads(out[out.index("{") :])
+    assert (summary["recipe"], summary["items"], summary["pairs"]) == ("relight", {"kept": 2, "dropped": 0}, 4)
+    assert not (work / "grids.jsonl").exists()
+
+
 def test_flags_override_environment(monkeypatch):
     monkeypatch.setenv("DSD_DATA_LAYOUT", "1x2")
     monkeypatch.setenv("DSD_DATA_WIDTH", "512")
