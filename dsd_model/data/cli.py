@@ -98,7 +98,9 @@ def add_data_commands(subparsers) -> None:
     _add_settings_flags(grids, _GRIDS)
     grids.set_defaults(handler=_grids)
 
-    curate = subparsers.add_parser("curate", help="judge every panel of every grid (VLM, or offline by panel similarity)")
+    curate = subparsers.add_parser(
+        "curate", help="judge every panel of every grid (VLM, or offline by panel similarity)"
+    )
     _add_settings_flags(curate, _CURATE)
     curate.set_defaults(handler=_curate)
 

@@ -183,8 +183,8 @@ def make_structure_pairs(settings: DataSettings, teacher=None, control_teacher=N
             "id": item_id, "prompt_id": prompt["id"], "subject": prompt["subject"], "recipe": recipe,
             "source_prompt": prompt["panels"][0], "prompts": appearance_prompts(prompt, recipe),
             "teacher": pick_teacher(mix, settings.seed, item_id), "seed": grid_seed(settings.seed, item_id),
-            "width": width, "height": height,
-            "source": f"{stem}_source.png", "control": f"{stem}_control.png", "images": [f"{stem}_a.png", f"{stem}_b.png"],
+            "width": width, "height": height, "source": f"{stem}_source.png", "control": f"{stem}_control.png",
+            "images": [f"{stem}_a.png", f"{stem}_b.png"],
         })
     todo = [item for item in items if item["id"] not in done]
 
