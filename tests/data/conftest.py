@@ -232,3 +232,14 @@ def captions_file(tmp_path):
         encoding="utf-8",
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def teacher_dirs(tmp_path_factory):
+    """A tiny FluxPipeline and a tiny StableDiffusion3Pipeline, saved as local pipeline directories."""
+    from teachers import tiny_flux, tiny_sd3
+
+    root = tmp_path_factory.mktemp("teachers")
+    tiny_flux().save_pretrained(root / "flux")
+    tiny_sd3().save_pretrained(root / "sd3")
+    return root / "flux", root / "sd3"

@@ -6,22 +6,12 @@ from collections import Counter
 import pytest
 from pydantic import ValidationError
 from PIL import Image
-from teachers import tiny_flux, tiny_sd3
 
 from dsd_model.data.grids import GRIDS_FILE, pick_teacher, render_grids
 from dsd_model.data.manifest import Manifest
 from dsd_model.data.prompts import make_prompts
 from dsd_model.data.settings import DataSettings
 from dsd_model.errors import InputError
-
-
-@pytest.fixture(scope="module")
-def teacher_dirs(tmp_path_factory):
-    """A tiny FluxPipeline and a tiny StableDiffusion3Pipeline, saved as local pipeline directories."""
-    root = tmp_path_factory.mktemp("teachers")
-    tiny_flux().save_pretrained(root / "flux")
-    tiny_sd3().save_pretrained(root / "sd3")
-    return root / "flux", root / "sd3"
 
 
 def test_two_teacher_classes_render_one_run(make_settings, captions_file, teacher_dirs):
