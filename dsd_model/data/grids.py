@@ -60,7 +60,7 @@ def load_teacher(settings: DataSettings, name: str = TINY_TEACHER) -> DiffusionP
         pipe = FluxPipeline(**build_tiny_components(dsd=False))
     else:
         field = "teacher_dir" if settings.teachers is None else "teachers"
-        pipe = pipeline_class(Path(name), field).from_pretrained(name, torch_dtype=dtype, local_files_only=True)
+        pipe = pipeline_class(Path(name), field).from_pretrained(name, dtype=dtype, local_files_only=True)
     if pipe.dtype != dtype:
         pipe.to(dtype=dtype)
     pipe.to(device)

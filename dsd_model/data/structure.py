@@ -148,7 +148,7 @@ def load_control_teacher(settings: DataSettings) -> FluxControlPipeline:
     else:
         path = settings.control_teacher_dir
         pipe_class = pipeline_class(path, "control_teacher_dir", frozenset({"FluxControlPipeline"}))
-        pipe = pipe_class.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        pipe = pipe_class.from_pretrained(path, dtype=dtype, local_files_only=True)
     if pipe.dtype != dtype:
         pipe.to(dtype=dtype)
     pipe.to(device)

@@ -22,6 +22,7 @@ from dsd_model.data.structure import (
     make_structure_pairs,
     write_structure_dataset,
 )
+from dsd_model.errors import InputError
 from dsd_model.tiny import build_tiny_components
 
 
@@ -99,11 +100,13 @@ def depth_dir(tmp_path):
 
 
 def test_depth_relighting_items_below_the_agreement_are_dropped(make_settings, captions_file, tiny_teacher,
-                                                                 depth_dir):
+                                                                 depth_dir, tmp_path):
+    control_dir = tmp_path / "flux-depth-tiny"
+    RecordingControlTeacher().pipe.save_pretrained(control_dir)
     settings = make_settings(prompt_backend="template", recipe="relight", depth_model_dir=depth_dir,
-                             structure_min_agreement=1.0)
+                             control_teacher_dir=control_dir, structure_min_agreement=1.0)
     make_prompts(settings, captions_file, limit=2)
-    make_structure_pairs(settings, tiny_teacher, RecordingControlTeacher())
+    make_structure_pairs(settings, tiny_teacher)
     summary = write_structure_dataset(settings)
     items = records(settings)
     assert {r["control_kind"] for r in items} == {"depth"} and {r["estimator"] for r in items} == {f"depth:{depth_dir}"}
@@ -130,3 +133,11 @@ def test_agreement_is_one_for_the_same_structure_and_falls_when_it_moves():
     assert edges.agreement(outline, outline) == 1.0
     assert edges.agreement(outline, shifted) == 1.0, "one pixel of tolerance"
     assert edges.agreement(outline, moved) < 0.6
+
+
+def test_control_teacher_must_be_a_flux_control_pipeline(make_settings, captions_file, tiny_teacher, teacher_dirs):
+    flux, _ = teacher_dirs
+    settings = make_settings(prompt_backend="template", recipe="structure", control_teacher_dir=flux)
+    make_prompts(settings, captions_file, limit=1)
+    with pytest.raises(InputError, match="control_teacher_dir: .* holds a 'FluxPipeline', not one of FluxControlPipeline"):
+        make_structure_pairs(settings, tiny_teacher)
