@@ -1,6 +1,6 @@
-"""The self-distillation loop end to end on the tiny profile: captions → prompts → grids from two teacher classes →
-per-panel curation behind the pre-filter → pairs → a few training steps → the adapter loaded in the pipeline; and
-the same for a structure adapter on structure pairs."""
+"""The self-distillation loop end to end on the tiny profile: captions → prompts → grids from two teacher
+classes → per-panel curation behind the pre-filter → pairs → a few training steps → the adapter loaded in the
+pipeline; and the same for a structure adapter on structure pairs."""
 
 import numpy as np
 import pytest

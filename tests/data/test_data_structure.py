@@ -139,5 +139,6 @@ def test_control_teacher_must_be_a_flux_control_pipeline(make_settings, captions
     flux, _ = teacher_dirs
     settings = make_settings(prompt_backend="template", recipe="structure", control_teacher_dir=flux)
     make_prompts(settings, captions_file, limit=1)
-    with pytest.raises(InputError, match="control_teacher_dir: .* holds a 'FluxPipeline', not one of FluxControlPipeline"):
+    message = "control_teacher_dir: .* holds a 'FluxPipeline', not one of FluxControlPipeline"
+    with pytest.raises(InputError, match=message):
         make_structure_pairs(settings, tiny_teacher)
