@@ -11,5 +11,5 @@
 
 Every stage reads the previous stage's manifest in `settings.work_dir` (a `settings.DataSettings`) and skips the
 items it has already finished. `pairs` holds the dataset contract that training reads. Nothing is imported here,
-so reading a dataset does not need the `data` extra (httpx).
+so reading a dataset does not need the `data` extra (httpx, OpenCV).
 """
