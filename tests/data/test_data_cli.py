@@ -82,6 +82,8 @@ def test_flags_override_environment(monkeypatch):
         (["grids", "--layout", "3x1", "--width", "64"], "layout: a 64x1024 grid does not divide into 3x1 panels"),
         (["prompts", "--captions", "missing.txt"], "captions: file 'missing.txt' does not exist"),
         (["curate", "--work-dir", "."], "work_dir: '.' has no rendered grids"),
+        (["grids", "--teachers", "a=0"], "teachers: entry 'a=0' is not PATH or PATH=WEIGHT with a weight > 0"),
+        (["grids", "--teachers", "a", "--teacher-dir", "b"], "teachers: give teachers or teacher_dir, not both"),
     ],
 )
 def test_bad_input_is_refused_naming_the_field(argv, message, tmp_path, monkeypatch):
