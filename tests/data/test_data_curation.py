@@ -37,8 +37,8 @@ def grids(make_settings, captions_file, tiny_teacher):
         make_prompts(settings, captions_file, limit=3)
         render_grids(settings, tiny_teacher)
         subject = np.random.default_rng(0).integers(0, 120, (32, 32, 3), dtype=np.uint8)
-        images = [tile([subject] * 4), tile([subject] * 3 + [solid(WHITE)]), tile(list(map(solid, (RED, BLUE, GREEN,
-                                                                                                 WHITE))))]
+        unrelated = [solid(colour) for colour in (RED, BLUE, GREEN, WHITE)]
+        images = [tile([subject] * 4), tile([subject] * 3 + [solid(WHITE)]), tile(unrelated)]
         records = sorted(Manifest(settings.work_dir / GRIDS_FILE).records().values(), key=lambda g: g["id"])
         for record, image in zip(records, images, strict=True):
             image.save(settings.work_dir / record["path"])
