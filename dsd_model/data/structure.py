@@ -40,7 +40,7 @@ from .grids import grid_seed, load_teacher, pick_teacher, pipeline_class, render
 from .manifest import Manifest, StageReport, save_png, write_json
 from .pairs import Pair, write_pairs
 from .prompts import PROMPTS_FILE
-from .settings import DataSettings
+from .settings import TINY_TEACHER, DataSettings
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,6 @@ def make_structure_pairs(settings: DataSettings, teacher=None, control_teacher=N
     estimator = load_estimator(settings) if todo else None
     if todo and control_teacher is None:
         control_teacher = load_control_teacher(settings)
-    kept = 0
     with tqdm(total=len(todo), desc=f"structure ({recipe}, {estimator.kind if estimator else '-'})") as bar:
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
@@ -230,11 +229,10 @@ def make_structure_pairs(settings: DataSettings, teacher=None, control_teacher=N
                     save_png(image, settings.work_dir / path)
                 agreement = estimator.agreement(maps[2 * n], maps[2 * n + 1])
                 keep = agreement >= settings.structure_min_agreement
-                kept += keep
                 manifest.append({
                     **item, "status": "kept" if keep else "dropped", "control_kind": estimator.kind,
                     "estimator": estimator.name, "agreement": round(agreement, 4),
-                    "control_teacher": str(settings.control_teacher_dir or "tiny"),
+                    "control_teacher": str(settings.control_teacher_dir or TINY_TEACHER),
                 })
             bar.update(len(batch))
     return StageReport("structure", len(todo), len(items) - len(todo))
