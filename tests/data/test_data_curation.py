@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+from transformers import (
+    BitImageProcessor,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    Dinov2Config,
+    Dinov2Model,
+)
 
 from dsd_model.data.assemble import build_pairs
 from dsd_model.data.curate import CURATION_FILE, curate_grids
@@ -85,13 +93,21 @@ def test_prefilter_saves_judge_calls_on_clear_failures(grids, chat_server):
     assert build_pairs(settings)["judge_calls_saved_by_prefilter"] == 1
 
 
-@pytest.fixture
-def encoder_dir(tmp_path):
-    """A tiny random DINOv2 encoder and its image processor, saved to a directory as a checkpoint would be."""
+@pytest.fixture(params=["dinov2", "clip"])
+def encoder_dir(request, tmp_path):
+    """A tiny random DINOv2 or CLIP model and its image processor, saved to a directory as a checkpoint would be."""
     torch.manual_seed(0)
-    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=37, image_size=32, patch_size=8))
-    path = tmp_path / "dinov2-tiny"
+    if request.param == "dinov2":
+        model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=37, image_size=32, patch_size=8))
+    else:
+        layers = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1)
+        model = CLIPModel(CLIPConfig(
+            text_config=CLIPTextConfig(vocab_size=99, **layers).to_dict(),
+            vision_config=CLIPVisionConfig(image_size=32, patch_size=8, **layers).to_dict(),
+            projection_dim=16,
+        ))
+    path = tmp_path / f"{request.param}-tiny"
     model.save_pretrained(path)
     BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return path
