@@ -28,6 +28,7 @@ IMAGES_DIR = "images"
 SUMMARY_FILE = "summary.json"
 CONTACT_SHEET_FILE = "contact_sheet.png"
 _SECTIONS = (("accepted", (30, 150, 60)), ("rejected", (200, 40, 40)))
+_DRIFTED = (255, 140, 0)
 _THUMB, _COLUMNS, _PAD, _LABEL, _HEADER = 160, 6, 8, 14, 22
 
 
@@ -108,7 +109,8 @@ def curation_counts(verdicts) -> dict:
 
 
 def contact_sheet(settings: DataSettings, grids: dict, verdicts: dict) -> Image.Image:
-    """Thumbnails of accepted (green) and rejected (red) grids, up to `contact_sheet_limit` each, labelled by id."""
+    """Thumbnails of accepted (green) and rejected (red) grids, up to `contact_sheet_limit` each, labelled by id;
+    panels judged inconsistent are crossed out in orange."""
     cell_width, cell_height = _THUMB + 2 * _PAD, _THUMB + _LABEL + 2 * _PAD
     sections = []
     for status, colour in _SECTIONS:
@@ -125,10 +127,19 @@ def contact_sheet(settings: DataSettings, grids: dict, verdicts: dict) -> Image.
         for index, verdict in enumerate(shown):
             x = (index % _COLUMNS) * cell_width + _PAD
             y = top + (index // _COLUMNS) * cell_height + _PAD
-            with Image.open(settings.work_dir / grids[verdict["id"]]["path"]) as grid:
-                thumb = ImageOps.contain(grid.convert("RGB"), (_THUMB, _THUMB))
+            grid = grids[verdict["id"]]
+            with Image.open(settings.work_dir / grid["path"]) as image:
+                thumb = ImageOps.contain(image.convert("RGB"), (_THUMB, _THUMB))
             draw.rectangle((x - 3, y - 3, x + thumb.width + 2, y + thumb.height + 2), outline=colour, width=3)
             sheet.paste(thumb, (x, y))
+            layout = parse_layout(grid["layout"])
+            width, height = thumb.width // layout.columns, thumb.height // layout.rows
+            for panel in verdict["panels"]:
+                if not panel["consistent"]:
+                    left = x + panel["index"] % layout.columns * width
+                    upper = y + panel["index"] // layout.columns * height
+                    draw.line((left, upper, left + width - 1, upper + height - 1), fill=_DRIFTED, width=2)
+                    draw.line((left, upper + height - 1, left + width - 1, upper), fill=_DRIFTED, width=2)
             draw.text((x, y + _THUMB + 2), verdict["id"], fill="black")
         top += max(1, math.ceil(len(shown) / _COLUMNS)) * cell_height
     return sheet

@@ -15,7 +15,7 @@ from transformers import (
     Dinov2Model,
 )
 
-from dsd_model.data.assemble import build_pairs
+from dsd_model.data.assemble import CONTACT_SHEET_FILE, build_pairs
 from dsd_model.data.curate import CURATION_FILE, curate_grids
 from dsd_model.data.grids import GRIDS_FILE, render_grids
 from dsd_model.data.manifest import Manifest
@@ -73,6 +73,9 @@ def test_pixel_statistics_judge_keeps_pairs_of_consistent_panels_only(grids):
     assert len(records[drifted]["pairs"]) == 12
 
     summary = build_pairs(settings)
+    with Image.open(settings.work_dir / CONTACT_SHEET_FILE) as sheet:
+        crossed_out = (np.asarray(sheet) == (255, 140, 0)).all(axis=-1)
+    assert crossed_out.sum() > 0, "the drifted panel is crossed out on the contact sheet"
     assert summary["pairs"] == 12 + 6
     assert summary["per_panel"]["per_grid_verdict"]["pairs"] == {"kept": 12, "dropped": 24}
     pairs = read_pairs(settings.resolved_dataset_dir)
