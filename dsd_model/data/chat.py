@@ -66,8 +66,9 @@ class ChatClient:
     def __exit__(self, *exc_info) -> None:
         self._http.close()
 
-    def complete(self, messages: list[dict]) -> str:
-        """The assistant's reply text to `messages`, from the cache when this exact request was answered before."""
+    def complete(self, messages: list[dict], fresh: bool = False) -> str:
+        """The assistant's reply text to `messages`, from the cache when this exact request was answered before
+        (unless `fresh`: then the server is asked again and the cache updated)."""
         body = {
             "model": self.endpoint.model,
             "messages": messages,
@@ -75,20 +76,21 @@ class ChatClient:
             "max_tokens": self.endpoint.max_tokens,
         }
         cache_path = self._cache_path(body)
-        if cache_path is not None and cache_path.exists():
+        if cache_path is not None and cache_path.exists() and not fresh:
             return json.loads(cache_path.read_text(encoding="utf-8"))["reply"]
         reply = _reply_text(self._post(body))
         if cache_path is not None:
             write_atomic(cache_path, json.dumps({"reply": reply}, ensure_ascii=False).encode("utf-8"))
         return reply
 
-    def ask_json(self, messages: list[dict], parse: Callable[[dict], T], attempts: int) -> T:
-        """Ask until `parse(extract_json(reply))` succeeds; after each bad reply the model is told what was wrong."""
+    def ask_json(self, messages: list[dict], parse: Callable[[dict], T], attempts: int, fresh: bool = False) -> T:
+        """Ask until `parse(extract_json(reply))` succeeds; after each bad reply the model is told what was wrong.
+        `fresh` bypasses cached replies (retrying an item that failed on them)."""
         messages = list(messages)
         for _ in range(attempts):
             reply = None
             try:
-                reply = self.complete(messages)
+                reply = self.complete(messages, fresh)
                 return parse(extract_json(reply))
             except MalformedReply as exc:
                 error = exc

@@ -21,6 +21,7 @@ from .curate import curate_grids
 from .grids import render_grids
 from .prompts import make_prompts
 from .settings import DataSettings
+from .structure import make_structure_pairs, write_structure_dataset
 
 _CHAT = (
     "request_timeout_s",
@@ -47,6 +48,7 @@ _GRIDS = (
     "work_dir",
     "layout",
     "teacher_dir",
+    "teachers",
     "width",
     "height",
     "num_inference_steps",
@@ -59,13 +61,34 @@ _GRIDS = (
     "device",
     "dtype",
 )
-_CURATE = ("work_dir", "vlm_base_url", "vlm_model", "vlm_temperature", "vlm_max_tokens", *_CHAT)
+_CURATE = (
+    "work_dir",
+    "curate_backend",
+    "embedding_model_dir",
+    "consistency_threshold",
+    "prefilter",
+    "prefilter_threshold",
+    "vlm_base_url",
+    "vlm_model",
+    "vlm_temperature",
+    "vlm_max_tokens",
+    *_CHAT,
+)
 _PAIRS = ("work_dir", "dataset_dir", "contact_sheet_limit")
+_STRUCTURE = (
+    *_GRIDS,
+    "dataset_dir",
+    "recipe",
+    "depth_model_dir",
+    "control_teacher_dir",
+    "control_guidance_scale",
+    "structure_min_agreement",
+)
 
 
 def add_data_commands(subparsers) -> None:
-    """Register `prompts`, `grids`, `curate`, `pairs` and `run` (all four in order) on an argparse subparsers object;
-    each sets `handler`, a function of the parsed namespace."""
+    """Register `prompts`, `grids`, `curate`, `pairs`, `structure` and `run` (every stage of the recipe in order) on
+    an argparse subparsers object; each sets `handler`, a function of the parsed namespace."""
     prompts = subparsers.add_parser("prompts", help="captions → grid prompts (LLM, or the offline template)")
     _add_caption_arguments(prompts)
     _add_settings_flags(prompts, _PROMPTS)
@@ -75,7 +98,9 @@ def add_data_commands(subparsers) -> None:
     _add_settings_flags(grids, _GRIDS)
     grids.set_defaults(handler=_grids)
 
-    curate = subparsers.add_parser("curate", help="judge every grid with a vision-language model")
+    curate = subparsers.add_parser(
+        "curate", help="judge every panel of every grid (VLM, or offline by panel similarity)"
+    )
     _add_settings_flags(curate, _CURATE)
     curate.set_defaults(handler=_curate)
 
@@ -83,9 +108,17 @@ def add_data_commands(subparsers) -> None:
     _add_settings_flags(pairs, _PAIRS)
     pairs.set_defaults(handler=_pairs)
 
-    run = subparsers.add_parser("run", help="all four stages in order (each resumes where it stopped)")
+    structure = subparsers.add_parser(
+        "structure", help="grid prompts → pairs sharing one depth/edge map, differing in appearance or lighting"
+    )
+    _add_settings_flags(structure, _STRUCTURE)
+    structure.set_defaults(handler=_structure)
+
+    run = subparsers.add_parser(
+        "run", help="every stage of --recipe in order: prompts, then grids, curate, pairs (identity) or structure"
+    )
     _add_caption_arguments(run)
-    _add_settings_flags(run, _PROMPTS + _GRIDS + _CURATE + _PAIRS)
+    _add_settings_flags(run, _PROMPTS + _GRIDS + _CURATE + _PAIRS + _STRUCTURE)
     run.set_defaults(handler=_run)
 
 
@@ -157,9 +190,20 @@ def _pairs(args: argparse.Namespace) -> None:
 
 
 @_command
+def _structure(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    print(make_structure_pairs(settings))
+    print(json.dumps(write_structure_dataset(settings), indent=2))
+
+
+@_command
 def _run(args: argparse.Namespace) -> None:
     settings = _settings(args)
     print(make_prompts(settings, args.captions, args.caption_field, args.limit))
+    if settings.recipe != "identity":
+        print(make_structure_pairs(settings))
+        print(json.dumps(write_structure_dataset(settings), indent=2))
+        return
     print(render_grids(settings))
     print(curate_grids(settings))
     print(json.dumps(build_pairs(settings), indent=2))

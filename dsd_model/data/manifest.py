@@ -48,16 +48,19 @@ class Manifest:
 
 @dataclass(frozen=True)
 class StageReport:
-    """What one run of a stage did: items finished now (`failed` of them recorded as failures) and items skipped
-    because an earlier run had finished them."""
+    """What one run of a stage did: items finished now (`failed` of them recorded as failures; failures of earlier
+    runs are tried again), items skipped because an earlier run had finished them, and judge calls the curation
+    pre-filter saved."""
 
     stage: str
     done: int
     skipped: int
     failed: int = 0
+    saved: int = 0
 
     def __str__(self) -> str:
-        return f"{self.stage}: {self.done} done ({self.failed} failed), {self.skipped} already done before"
+        saved = f", {self.saved} judge call(s) saved by the pre-filter" if self.saved else ""
+        return f"{self.stage}: {self.done} done ({self.failed} failed), {self.skipped} already done before{saved}"
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -6,7 +6,9 @@ relative to the directory:
     {"id": "g000012-p0-p2", "reference": "images/g000012_p0.png", "target": "images/g000012_p2.png",
      "caption": "the same plush fox sitting on a wooden bench", "subject": "plush fox", "grid": "g000012"}
 
-`reference` and `target` are 8-bit RGB PNG panels cut from one accepted grid; `caption` describes the target panel.
+`reference` and `target` are 8-bit RGB PNG panels cut from one accepted grid (or, for structure pairs, two
+renderings from one control map); `caption` describes the target. Structure pairs also name the `control` map
+(depth or edges) both images were rendered from.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Pair:
     caption: str
     subject: str = ""
     grid: str = ""
+    control: str = ""
 
 
 def write_pairs(directory: str | Path, pairs: list[Pair]) -> Path:

@@ -190,20 +190,25 @@ def make_prompts(
     manifest = Manifest(settings.work_dir / PROMPTS_FILE)
     done = manifest.records()
     check_layout(done.values(), layout, manifest.path)
-    todo = [caption for caption in items if caption.id not in done]
+    todo = [caption for caption in items if done.get(caption.id, {}).get("status", "failed") == "failed"]
     client = ChatClient(settings.endpoint("llm"), settings) if backend == "llm" and todo else None
 
     def work(caption: Caption) -> dict:
         record = {"id": caption.id, "caption": caption.text}
         if settings.caption_filter:
-            keep, reason = client.ask_json(filter_messages(caption.text), parse_filter, settings.max_reply_attempts)
+            keep, reason = client.ask_json(
+                filter_messages(caption.text), parse_filter, settings.max_reply_attempts, fresh=caption.id in done
+            )
             if not keep:
                 return {**record, "status": "filtered", "reason": reason}
         if client is None:
             subject, panels = template_content(caption.text, layout)
         else:
             subject, panels = client.ask_json(
-                content_messages(caption.text, layout), lambda r: parse_content(r, layout), settings.max_reply_attempts
+                content_messages(caption.text, layout),
+                lambda r: parse_content(r, layout),
+                settings.max_reply_attempts,
+                fresh=caption.id in done,
             )
         return {
             **record,

@@ -14,6 +14,9 @@ from ..errors import InputError
 from ..settings import resolve_device, resolve_dtype
 from .layout import GridLayout, parse_layout
 
+TINY_TEACHER = "tiny"
+"""The teacher name of the built-in tiny FLUX pipeline."""
+
 PIXEL_MULTIPLE = 16
 """FLUX renders sizes in 16-pixel steps (VAE factor 8 times 2x2 packing) and silently resizes anything else."""
 
@@ -81,6 +84,14 @@ class DataSettings(BaseSettings):
         description="Local FLUX.1-dev directory (diffusers layout), never downloaded. Unset: the tiny built-in "
         "teacher, which renders noise-like grids (for trying the pipeline only).",
     )
+    teachers: str | None = Field(
+        None,
+        description="Several teachers mixed in one run: comma-separated PATH=WEIGHT entries, e.g. "
+        "`/models/FLUX.1-dev=3,/models/sd3.5-large=1` (weight 1 when omitted; `tiny` names the built-in teacher). "
+        "Any local diffusers text-to-image pipeline directory works; its class is read from model_index.json. "
+        "Each grid draws its teacher from the weights by its id, so the mix does not depend on batching or order. "
+        "Unset: teacher_dir alone.",
+    )
     layout: str = Field("2x2", description="COLUMNSxROWS panels per grid; the paper renders 2x2.")
     width: int = Field(1024, ge=PIXEL_MULTIPLE, description="Grid width in pixels; 1024 gives 512 px panels in 2x2.")
     height: int = Field(1024, ge=PIXEL_MULTIPLE, description="Grid height in pixels.")
@@ -94,6 +105,65 @@ class DataSettings(BaseSettings):
     device: str = Field("auto", description="`auto` = cuda when available, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="`auto` = bfloat16 on cuda (FLUX.1-dev's training precision), float32 on cpu."
+    )
+
+    curate_backend: Literal["auto", "vlm", "embedding"] = Field(
+        "auto",
+        description="`vlm` asks the vision-language model about every panel; `embedding` is offline: panel "
+        "similarity from embedding_model_dir, or pixel statistics without one; `auto` = vlm when a VLM base URL is "
+        "set (vlm_base_url or llm_base_url), else embedding.",
+    )
+    embedding_model_dir: Path | None = Field(
+        None,
+        description="Local DINOv2 or CLIP checkpoint (transformers layout) for the embedding judge and the "
+        "pre-filter, never downloaded. Unset: colour-histogram pixel statistics, which see colour drift only.",
+    )
+    consistency_threshold: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Embedding judge: a panel is consistent when its similarity (embedding cosine, or histogram "
+        "intersection) reaches this with at least half of the other panels. 0.5 separates one instance from "
+        "another of its kind for DINOv2 features; tune it on the contact sheet.",
+    )
+    prefilter: bool = Field(
+        False,
+        description="Before asking the VLM, measure panel similarity; a grid with fewer than two panels reaching "
+        "prefilter_threshold is rejected without a VLM call.",
+    )
+    prefilter_threshold: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Below consistency_threshold on purpose: the pre-filter drops only clear failures and leaves "
+        "every doubtful grid to the VLM.",
+    )
+
+    recipe: Literal["identity", "structure", "relight"] = Field(
+        "identity",
+        description="What `dsd data run` makes: `identity` grids of one subject (VLM or embedding curation), "
+        "`structure` pairs rendered from one depth/edge map with two appearances, `relight` the same with two "
+        "lightings.",
+    )
+    depth_model_dir: Path | None = Field(
+        None,
+        description="Local transformers depth model (DPT, Depth Anything) for structure pairs, never downloaded. "
+        "Unset: Canny edges (OpenCV) are the control map; pair it with a Canny control teacher.",
+    )
+    control_teacher_dir: Path | None = Field(
+        None,
+        description="Local FluxControlPipeline directory (FLUX.1-Depth-dev for depth, FLUX.1-Canny-dev for edges). "
+        "Unset: a tiny built-in control pipeline with random weights (for trying the recipe only).",
+    )
+    control_guidance_scale: float = Field(
+        10.0, ge=0, le=50, description="Distilled guidance of the control teacher; 10 is FLUX.1-Depth-dev's default."
+    )
+    structure_min_agreement: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Keep a structure item when its two renderings agree this well (depth: 1 - mean absolute "
+        "difference of normalised depth; edges: F-score within one pixel). 0.8 drops pairs whose shapes moved.",
     )
 
     contact_sheet_limit: int = Field(32, ge=1, description="Grids shown per section (accepted, rejected).")
@@ -122,6 +192,32 @@ class DataSettings(BaseSettings):
         self.grid_layout.panel_size(self.width, self.height)
         return self
 
+    @model_validator(mode="after")
+    def _check_teachers(self) -> DataSettings:
+        if self.teachers is not None and self.teacher_dir is not None:
+            raise InputError("teachers", "give teachers or teacher_dir, not both (teachers may list one entry)")
+        self.teacher_mix()
+        return self
+
+    def teacher_mix(self) -> list[tuple[str, float]]:
+        """(teacher, weight) pairs: a directory path or `tiny`, weights normalised to sum to 1."""
+        if self.teachers is None:
+            return [(str(self.teacher_dir) if self.teacher_dir else TINY_TEACHER, 1.0)]
+        mix = {}
+        for entry in self.teachers.split(","):
+            name, _, weight = entry.strip().rpartition("=") if "=" in entry else (entry.strip(), "", "1")
+            try:
+                value = float(weight)
+            except ValueError:
+                value = -1.0
+            if not name or value <= 0:
+                raise InputError("teachers", f"entry {entry.strip()!r} is not PATH or PATH=WEIGHT with a weight > 0")
+            if name in mix:
+                raise InputError("teachers", f"{name!r} is listed twice")
+            mix[name] = value
+        total = sum(mix.values())
+        return [(name, weight / total) for name, weight in mix.items()]
+
     @property
     def grid_layout(self) -> GridLayout:
         return parse_layout(self.layout)
@@ -131,6 +227,12 @@ class DataSettings(BaseSettings):
         if self.prompt_backend == "auto":
             return "llm" if self.llm_base_url else "template"
         return self.prompt_backend
+
+    @property
+    def resolved_curate_backend(self) -> Literal["vlm", "embedding"]:
+        if self.curate_backend == "auto":
+            return "vlm" if self.vlm_base_url or self.llm_base_url else "embedding"
+        return self.curate_backend
 
     @property
     def resolved_cache_dir(self) -> Path | None:

@@ -65,13 +65,16 @@ class TrainConfig(BaseModel):
         description="Linear layers that get a LoRA, by name or name suffix (e.g. `attn.to_q`); unset means the "
         "attention projections of every block, the layout of the official DSD adapter.",
     )
-    condition_dropout: float = Field(
-        0.1, ge=0, le=1, description="Fraction of samples trained with a zeroed condition: the `u` pass of true CFG "
-        "at inference needs the model to know that input. Drawn independently of `text_dropout`."
-    )
     text_dropout: float = Field(
-        0.1, ge=0, le=1, description="Fraction of samples trained with the empty prompt, for the text scale of true "
-        "CFG. 0.1 is the usual rate for classifier-free guidance."
+        0.1, ge=0, le=1, description="Fraction of samples trained as (empty prompt, condition): the input of the "
+        "`u_t = F(x, \"\", c)` pass of true CFG, the anchor of the text scale. One joint draw per sample decides "
+        "among (prompt, condition) for the `v = F(x, prompt, c)` pass, this case and `text_and_condition_dropout`; "
+        "(prompt, zero condition) is never drawn, since inference never runs it. 0.1 is the usual CFG rate."
+    )
+    text_and_condition_dropout: float = Field(
+        0.1, ge=0, le=1, description="Fraction of samples trained as (empty prompt, zero condition): the input of "
+        "the `u = F(x, \"\", c=0)` pass of true CFG, the anchor of the image scale. 0.1, so both guidance anchors "
+        "are seen as often as the usual single CFG dropout (InstructPix2Pix-style joint dropout)."
     )
     guidance: float = Field(
         1.0, ge=0, description="Distilled-guidance input during training. 1.0: the flow-matching target is the "
@@ -114,6 +117,15 @@ class TrainConfig(BaseModel):
         if value is not None and not value:
             raise ValueError("target_modules must name at least one module (leave it unset for the default)")
         return value
+
+    @model_validator(mode="after")
+    def _check_dropout(self) -> TrainConfig:
+        if self.text_dropout + self.text_and_condition_dropout > 1:
+            raise ValueError(
+                f"text_dropout {self.text_dropout} + text_and_condition_dropout {self.text_and_condition_dropout} "
+                "exceeds 1: they are fractions of one draw per sample"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_warmup(self) -> TrainConfig:

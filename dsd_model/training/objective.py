@@ -5,8 +5,13 @@
     sigma ~ FLUX-shifted logit-normal;  x_t = (1 - sigma) x0 + sigma noise;  target velocity = noise - x0
     loss  = mean squared error of F([x_t, c], sigma, prompt) against the target velocity
 
-A sample's condition is zeroed with probability `condition_dropout` and its prompt emptied with probability
-`text_dropout` (independently), the inputs of the `u` and `u_t` passes of true CFG at inference.
+One uniform draw per sample picks its inputs among the three passes of true CFG at inference:
+
+    (prompt, condition)          v   = F(x, prompt, c)      1 - text_dropout - text_and_condition_dropout
+    (empty prompt, condition)    u_t = F(x, "", c)          text_dropout
+    (empty prompt, zero cond.)   u   = F(x, "", c=0)        text_and_condition_dropout
+
+(prompt, zero condition) is never drawn: no inference pass uses it.
 """
 
 from __future__ import annotations
@@ -52,9 +57,11 @@ def shift_sigmas(t: torch.Tensor, image_seq_len: int, scheduler_config) -> torch
 
 
 def draw_dropout(size: int, config: TrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which of `size` samples train with a zeroed condition, and which with the empty prompt (independent draws)."""
-    condition_dropped = torch.rand(size, generator=generator) < config.condition_dropout
-    text_dropped = torch.rand(size, generator=generator) < config.text_dropout
+    """Which of `size` samples train with a zeroed condition, and which with the empty prompt, from one joint draw
+    per sample: a zeroed condition always comes with the empty prompt."""
+    draw = torch.rand(size, generator=generator)
+    condition_dropped = draw < config.text_and_condition_dropout
+    text_dropped = draw < config.text_and_condition_dropout + config.text_dropout
     return condition_dropped, text_dropped
 
 

@@ -20,7 +20,8 @@ class ChatServer:
     or `verdict` (an image to judge). Faults queued with `fault(...)` are served first, one per request in arrival
     order: ("status", code, headers), ("sleep", seconds) before a normal answer, or ("reply", text). Once it has
     received `down_after` requests, every further request gets 503. Captions containing "glitch" always get an
-    answer without JSON; verdicts alternate identical / not identical.
+    answer without JSON. Verdicts cycle through three grids: every panel consistent; one drifted panel (the next
+one each cycle); only the first panel consistent.
     """
 
     def __init__(self):
@@ -52,17 +53,24 @@ class ChatServer:
         if kind == "verdict":
             panels = int(re.search(r"grid of (\d+) panels", first).group(1))
             with self.lock:
-                identical = self.verdicts % 2 == 0
+                number = self.verdicts
                 self.verdicts += 1
+            drifted = [set(), {number // 3 % panels}, set(range(1, panels))][number % 3]
             verdict = {
                 "subject": "red plush fox",
-                "panels": [f"the red plush fox, view {i + 1}, on a wooden table" for i in range(panels)],
-                "identical": identical,
-                "reason": "same markings in every panel" if identical else "the scarf colour changes",
+                "panels": [
+                    {
+                        "description": f"the red plush fox, view {i + 1}, on a wooden table",
+                        "same_subject": i not in drifted,
+                        "reason": "the scarf turned green" if i in drifted else "same markings as the others",
+                    }
+                    for i in range(panels)
+                ],
             }
             return (
                 "1. The common subject is a red plush fox.\n2. Each panel shows it from another side.\n"
-                f"3. Comparing details: {verdict['reason']}.\n```json\n{json.dumps(verdict)}\n```\nHope this helps!"
+                f"3. Comparing details: {len(drifted)} panel(s) differ.\n```json\n{json.dumps(verdict)}\n```\n"
+                "Hope this helps!"
             )
         caption = json.loads(re.search(r"Caption: (\".*\")", first).group(1))
         if "glitch" in caption:
@@ -224,3 +232,14 @@ def captions_file(tmp_path):
         encoding="utf-8",
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def teacher_dirs(tmp_path_factory):
+    """A tiny FluxPipeline and a tiny StableDiffusion3Pipeline, saved as local pipeline directories."""
+    from teachers import tiny_flux, tiny_sd3
+
+    root = tmp_path_factory.mktemp("teachers")
+    tiny_flux().save_pretrained(root / "flux")
+    tiny_sd3().save_pretrained(root / "sd3")
+    return root / "flux", root / "sd3"

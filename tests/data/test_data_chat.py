@@ -144,8 +144,11 @@ def test_concurrency_limit_is_respected(chat_server, make_settings):
 def test_images_are_sent_as_data_urls_and_verdicts_parsed(chat_server, make_settings):
     settings = make_settings()
     with ChatClient(settings.endpoint("vlm"), settings) as client:
-        verdict = client.ask_json(judge_messages(b"\x89PNG fake", LAYOUT), lambda r: parse_verdict(r, LAYOUT), 1)
-    assert verdict.identical is True and verdict.subject == "red plush fox" and len(verdict.panels) == 4
+        verdict = client.ask_json(
+            judge_messages(b"\x89PNG fake", LAYOUT), lambda r: parse_verdict(r, LAYOUT, "vlm:test-vlm"), 1
+        )
+    assert verdict.subject == "red plush fox" and [p.consistent for p in verdict.panels] == [True] * 4
+    assert verdict.panels[2].description == "the red plush fox, view 3, on a wooden table"
     body = chat_server.requests[0][1]
     assert body["model"] == "test-vlm" and body["temperature"] == 0.0
     assert body["messages"][1]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,iVBORyBmYWtl")
@@ -171,13 +174,23 @@ def test_extract_json_refuses_replies_without_an_object(text):
         extract_json(text)
 
 
+def panel(same, description="a fox"):
+    return {"description": description, "same_subject": same, "reason": "checked"}
+
+
 def test_verdict_parsing_is_strict_but_accepts_yes_no():
-    panels = ["a", "b", "c", "d"]
-    assert parse_verdict({"subject": "fox", "panels": panels, "identical": "Yes"}, LAYOUT).identical is True
-    assert parse_verdict({"subject": "fox", "panels": panels, "identical": "no"}, LAYOUT).identical is False
-    with pytest.raises(MalformedReply, match='"identical" must be true or false'):
-        parse_verdict({"subject": "fox", "panels": panels, "identical": "maybe"}, LAYOUT)
-    with pytest.raises(MalformedReply, match="exactly 4 descriptions"):
-        parse_verdict({"subject": "fox", "panels": panels[:3], "identical": True}, LAYOUT)
+    def parse(reply):
+        return parse_verdict(reply, LAYOUT, "vlm:test")
+
+    verdict = parse({"subject": "fox", "panels": [panel("Yes"), panel(True), panel("no"), panel(False)]})
+    assert [p.consistent for p in verdict.panels] == [True, True, False, False]
+    with pytest.raises(MalformedReply, match='panel 1: "same_subject" must be true or false'):
+        parse({"subject": "fox", "panels": [panel(True), panel("maybe"), panel(True), panel(True)]})
+    with pytest.raises(MalformedReply, match="exactly 4 objects"):
+        parse({"subject": "fox", "panels": [panel(True)] * 3})
+    with pytest.raises(MalformedReply, match='panel 0: "description"'):
+        parse({"subject": "fox", "panels": [panel(True, "")] + [panel(True)] * 3})
+    with pytest.raises(MalformedReply, match="panel 3 must be an object"):
+        parse({"subject": "fox", "panels": [panel(True)] * 3 + ["a fox"]})
     with pytest.raises(MalformedReply, match='"subject"'):
-        parse_verdict({"panels": panels, "identical": True}, LAYOUT)
+        parse({"panels": [panel(True)] * 4})

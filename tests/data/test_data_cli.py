@@ -32,12 +32,38 @@ def test_run_makes_a_dataset_from_the_command_line(tmp_path, chat_server, captio
     assert "prompts: 2 done (0 failed), 0 already done before" in out
     assert "grids: 2 done" in out and "curate: 2 done" in out
     summary = json.loads(out[out.index("{") :])
-    assert summary["curation"] == {"accepted": 1, "rejected": 1, "failed": 0}
-    assert summary["pairs"] == 12
+    assert summary["curation"] == {"accepted": 2, "rejected": 0, "failed": 0}
+    assert summary["per_panel"]["panels"] == {"kept": 7, "dropped": 1}
+    assert summary["pairs"] == 12 + 6
     assert (work / "dataset" / "pairs.jsonl").is_file() and (work / "contact_sheet.png").is_file()
 
     run("grids", *grid_flags)
     assert "grids: 0 done (0 failed), 2 already done before" in capsys.readouterr().out
+
+
+def test_run_completes_offline_without_any_chat_server(tmp_path, captions_file, capsys):
+    work = tmp_path / "work"
+    flags = ["--work-dir", str(work), "--width", "64", "--height", "64", "--num-inference-steps", "2"]
+    run("run", "--captions", str(captions_file), "--limit", "2", "--prompt-backend", "template", *flags)
+    out = capsys.readouterr().out
+    assert "curate: 2 done (0 failed)" in out
+    summary = json.loads(out[out.index("{") :])
+    verdicts = [json.loads(line) for line in (work / "curation.jsonl").read_text().splitlines()]
+    assert {v["judge"] for v in verdicts} == {"embedding:pixel-statistics"}
+    assert summary["pairs"] == summary["per_panel"]["pairs"]["kept"]
+    assert sum(summary["curation"].values()) == 2
+
+
+def test_run_makes_relighting_pairs_offline(tmp_path, captions_file, capsys):
+    work = tmp_path / "work"
+    flags = ["--work-dir", str(work), "--width", "64", "--height", "64", "--num-inference-steps", "2"]
+    run("run", "--captions", str(captions_file), "--limit", "2", "--prompt-backend", "template", "--recipe",
+        "relight", "--structure-min-agreement", "0", *flags)
+    out = capsys.readouterr().out
+    assert "structure: 2 done (0 failed)" in out
+    summary = json.loads(out[out.index("{") :])
+    assert (summary["recipe"], summary["items"], summary["pairs"]) == ("relight", {"kept": 2, "dropped": 0}, 4)
+    assert not (work / "grids.jsonl").exists()
 
 
 def test_flags_override_environment(monkeypatch):
@@ -56,6 +82,8 @@ def test_flags_override_environment(monkeypatch):
         (["grids", "--layout", "3x1", "--width", "64"], "layout: a 64x1024 grid does not divide into 3x1 panels"),
         (["prompts", "--captions", "missing.txt"], "captions: file 'missing.txt' does not exist"),
         (["curate", "--work-dir", "."], "work_dir: '.' has no rendered grids"),
+        (["grids", "--teachers", "a=0"], "teachers: entry 'a=0' is not PATH or PATH=WEIGHT with a weight > 0"),
+        (["grids", "--teachers", "a", "--teacher-dir", "b"], "teachers: give teachers or teacher_dir, not both"),
     ],
 )
 def test_bad_input_is_refused_naming_the_field(argv, message, tmp_path, monkeypatch):

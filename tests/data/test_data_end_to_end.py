@@ -12,7 +12,7 @@ from dsd_model.data.chat import ChatError
 from dsd_model.data.curate import CURATION_FILE, curate_grids
 from dsd_model.data.grids import GRIDS_FILE, render_grids
 from dsd_model.data.layout import parse_layout, split_grid
-from dsd_model.data.manifest import Manifest
+from dsd_model.data.manifest import Manifest, StageReport
 from dsd_model.data.pairs import load_hf_dataset, read_pairs
 from dsd_model.data.prompts import PROMPTS_FILE, make_prompts
 from dsd_model.errors import InputError
@@ -56,18 +56,30 @@ def test_end_to_end_with_faults_and_full_resume(chat_server, make_settings, capt
     summary = build_pairs(settings)
     assert summary["prompts"] == {"ok": 3, "filtered": 1, "failed": 1}
     assert summary["grids"] == {"rendered": 6}
-    assert summary["curation"] == {"accepted": 3, "rejected": 2, "failed": 1}
-    assert summary["acceptance_rate"] == 0.6
-    assert summary["pairs"] == 3 * 4 * 3
+    # The judge's five verdicts: all four panels consistent, one drifted, only one consistent, all, one drifted.
+    assert summary["curation"] == {"accepted": 4, "rejected": 1, "failed": 1}
+    assert summary["acceptance_rate"] == 0.8
+    assert summary["per_panel"] == {
+        "grids": {"kept": 4, "dropped": 1},
+        "panels": {"kept": 4 + 3 + 1 + 4 + 3, "dropped": 5},
+        "pairs": {"kept": 12 + 6 + 12 + 6, "dropped": 6 + 12 + 6},
+        "per_grid_verdict": {"grids": {"kept": 2, "dropped": 3}, "pairs": {"kept": 24, "dropped": 36}},
+    }
+    assert summary["pairs"] == 36
     assert json.loads((settings.work_dir / SUMMARY_FILE).read_text()) == summary
     with Image.open(settings.work_dir / CONTACT_SHEET_FILE) as sheet:
         assert sheet.format == "PNG" and sheet.width > 6 * 64
 
     dataset = load_hf_dataset(settings.resolved_dataset_dir)
     assert len(dataset) == 36
+    drifted = {v["id"]: [p["index"] for p in v["panels"] if not p["consistent"]] for v in verdicts.values()
+               if v["status"] == "accepted"}
+    assert sorted(map(len, drifted.values())) == [0, 0, 1, 1]
+    assert not any(int(row["id"][-4]) in drifted[row["grid"]] or int(row["id"][-1]) in drifted[row["grid"]]
+                   for row in dataset.select_columns(["id", "grid"]))
     row = dataset[0]
     grid_id, reference, target = row["grid"], int(row["id"][-4]), int(row["id"][-1])
-    assert row["caption"] == verdicts[grid_id]["panels"][target]
+    assert row["caption"] == verdicts[grid_id]["panels"][target]["description"]
     assert row["subject"] == verdicts[grid_id]["subject"]
     with Image.open(settings.work_dir / grids[grid_id]["path"]) as image:
         panels = split_grid(image.convert("RGB"), parse_layout("2x2"))
@@ -75,15 +87,20 @@ def test_end_to_end_with_faults_and_full_resume(chat_server, make_settings, capt
     np.testing.assert_array_equal(np.asarray(row["target"]), np.asarray(panels[target]))
     assert row["reference"].size == (32, 32)
 
+    # A rerun finishes nothing twice and tries every failed item again, past the reply cache.
     files = {p: p.stat().st_mtime_ns for p in settings.work_dir.rglob("*.png") if p.name != CONTACT_SHEET_FILE}
-    requests = chat_server.count()
+    filters, verdict_requests = chat_server.count("filter"), chat_server.count("verdict")
     idle_teacher = counting_teacher()
-    assert make_prompts(settings, captions_file).skipped == 5
+    assert make_prompts(settings, captions_file) == StageReport("prompts", done=1, skipped=4, failed=1)
+    assert chat_server.count("filter") - filters == 3
     assert render_grids(settings, idle_teacher).skipped == 6
-    assert curate_grids(settings).skipped == 6
-    assert build_pairs(settings) == summary
-    assert chat_server.count() == requests and idle_teacher.calls == 0
+    assert curate_grids(settings) == StageReport("curate", done=1, skipped=5, failed=0)
+    assert chat_server.count("verdict") - verdict_requests == 1
+    assert build_pairs(settings)["curation"] == {"accepted": 4, "rejected": 2, "failed": 0}
+    assert idle_teacher.calls == 0
     assert {p: p.stat().st_mtime_ns for p in files} == files
+    requests = chat_server.count()
+    assert curate_grids(settings).skipped == 6 and chat_server.count() == requests
 
 
 def test_recorded_seed_reproduces_a_grid(captions_file, make_settings, tiny_teacher):

@@ -74,8 +74,8 @@ def test_llm_backend_with_filter_records_every_outcome(chat_server, make_setting
     assert chat_server.count("filter") == 4 + 3 and chat_server.count("content") == 3
 
     again = make_prompts(settings, captions_file)
-    assert (again.done, again.skipped) == (0, 5)
-    assert chat_server.count() == 10
+    assert (again.done, again.skipped, again.failed) == (1, 4, 1)
+    assert chat_server.count() == 10 + 3, "only the failed caption is asked again"
 
 
 def test_interrupted_run_resumes_without_asking_twice(chat_server, make_settings, tmp_path):

@@ -64,7 +64,7 @@ def test_unknown_target_module(make_config, training_pipe):
     "field, value, message",
     [
         ("size", 70, "multiple of 16"),
-        ("condition_dropout", 1.5, "less than or equal to 1"),
+        ("text_and_condition_dropout", 1.5, "less than or equal to 1"),
         ("rank", 0, "greater than or equal to 1"),
         ("mixed_precision", "fp8", "'auto', 'no', 'fp16' or 'bf16'"),
         ("target_modules", [], "at least one module"),

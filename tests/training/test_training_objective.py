@@ -10,7 +10,7 @@ from dsd_model.images import decode_image
 from dsd_model.training.dataset import PairDataset, sample_indices
 from dsd_model.training.objective import draw_dropout, flow_matching_inputs, shift_sigmas
 
-CONDITION_RATE, TEXT_RATE = 0.3, 0.2
+TEXT_RATE, BOTH_RATE = 0.2, 0.3
 SAMPLES = 20_000
 TOLERANCE = 0.015
 """About 4.5 standard deviations of a rate measured over 20,000 samples."""
@@ -21,29 +21,47 @@ def pairs(dataset):
     return PairDataset(dataset, SIZE)
 
 
-def test_dropout_rates_are_honoured(make_config):
-    config = make_config(condition_dropout=CONDITION_RATE, text_dropout=TEXT_RATE)
+def test_dropout_is_one_joint_draw_over_the_three_cfg_passes(make_config):
+    config = make_config(text_dropout=TEXT_RATE, text_and_condition_dropout=BOTH_RATE)
     condition, text = draw_dropout(SAMPLES, config, torch.Generator().manual_seed(0))
-    assert abs(condition.float().mean().item() - CONDITION_RATE) < TOLERANCE
-    assert abs(text.float().mean().item() - TEXT_RATE) < TOLERANCE
-    assert abs((condition & text).float().mean().item() - CONDITION_RATE * TEXT_RATE) < TOLERANCE
+    observed = {
+        "prompt, condition (v)": (~text & ~condition).float().mean().item(),
+        "empty, condition (u_t)": (text & ~condition).float().mean().item(),
+        "empty, zero condition (u)": (text & condition).float().mean().item(),
+    }
+    expected = {
+        "prompt, condition (v)": 1 - TEXT_RATE - BOTH_RATE,
+        "empty, condition (u_t)": TEXT_RATE,
+        "empty, zero condition (u)": BOTH_RATE,
+    }
+    assert all(abs(observed[case] - expected[case]) < TOLERANCE for case in expected), observed
+    assert not (condition & ~text).any(), "(prompt, zero condition) serves no inference pass"
 
 
-@pytest.mark.parametrize("rate", [0.0, 1.0])
-def test_dropout_rates_zero_and_one_are_exact(rate, make_config):
-    condition, text = draw_dropout(100, make_config(condition_dropout=rate, text_dropout=rate), torch.Generator())
-    assert condition.tolist() == text.tolist() == [bool(rate)] * 100
+@pytest.mark.parametrize(
+    ("text_rate", "both_rate", "text_expected", "condition_expected"),
+    [(0.0, 0.0, False, False), (1.0, 0.0, True, False), (0.0, 1.0, True, True)],
+)
+def test_dropout_rates_zero_and_one_are_exact(text_rate, both_rate, text_expected, condition_expected, make_config):
+    config = make_config(text_dropout=text_rate, text_and_condition_dropout=both_rate)
+    condition, text = draw_dropout(100, config, torch.Generator())
+    assert (text.tolist(), condition.tolist()) == ([text_expected] * 100, [condition_expected] * 100)
+
+
+def test_dropout_rates_must_fit_one_draw(make_config):
+    with pytest.raises(ValueError, match="text_dropout 0.6 \\+ text_and_condition_dropout 0.5 exceeds 1"):
+        make_config(text_dropout=0.6, text_and_condition_dropout=0.5)
 
 
 def test_dropped_samples_get_a_zero_condition_and_the_empty_prompt(pairs, make_config, training_pipe):
-    config = make_config(condition_dropout=0.5, text_dropout=0.5)
+    config = make_config(text_dropout=0.3, text_and_condition_dropout=0.3)
     empty = training_pipe.encode_prompt([""])[0][0]
     batch = pairs.batch([0, 1, 2, 3] * 2)
     inputs = flow_matching_inputs(training_pipe, batch, config, torch.Generator().manual_seed(2))
 
     condition, text = draw_dropout(8, config, torch.Generator().manual_seed(2))
     assert torch.equal(inputs.condition_dropped, condition) and torch.equal(inputs.text_dropped, text)
-    assert 0 < condition.sum() < 8 and 0 < text.sum() < 8
+    assert 0 < condition.sum() < text.sum() < 8
     channels = inputs.hidden_states.shape[2] // 2
     for row in range(8):
         assert bool((inputs.hidden_states[row, :, channels:] == 0).all()) == bool(condition[row])
@@ -60,7 +78,7 @@ def test_same_generator_state_gives_same_inputs(pairs, make_config, training_pip
 
 
 def test_inputs_follow_the_rectified_flow_and_the_inference_encoding(pairs, make_config, training_pipe):
-    pipe, config = training_pipe, make_config(condition_dropout=0.0, text_dropout=0.0)
+    pipe, config = training_pipe, make_config(text_dropout=0.0, text_and_condition_dropout=0.0)
     inputs = flow_matching_inputs(pipe, pairs.batch([0, 1]), config, torch.Generator().manual_seed(5))
 
     # Redo it by hand in the documented draw order: dropout, timesteps, VAE samples (targets, conditions), noise.
