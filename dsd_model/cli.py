@@ -1,8 +1,9 @@
-"""The `dsd` command: generate, convert, and the data and training stages."""
+"""The `dsd` command: generate, convert, verify, and the data and training stages."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -50,6 +51,19 @@ def _convert(args: argparse.Namespace) -> None:
     )
 
 
+def _verify(args: argparse.Namespace) -> None:
+    from .provenance import verify
+    from .settings import Settings
+
+    path = Path(args.image)
+    if not path.is_file():
+        raise InputError("image", f"file {str(path)!r} does not exist")
+    settings = Settings()
+    service_id = args.service_id or settings.watermark_service_id
+    trust_anchors = args.trust_anchors or settings.c2pa_trust_anchors
+    print(json.dumps(verify(path.read_bytes(), service_id, trust_anchors), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--fold-lora", action="store_true", help="fold LoRA tensors embedded in the source exactly")
     conv.add_argument("--lora-scale", type=float, default=1.0, help="scale of a folded LoRA (official: 1.0)")
     conv.set_defaults(handler=_convert)
+
+    ver = sub.add_parser("verify", help="read an image's provenance: the invisible watermark and C2PA credentials")
+    ver.add_argument("image", help="image file (PNG, JPEG or WebP)")
+    ver.add_argument("--service-id", default=None, help="watermark service id (default: DSD_WATERMARK_SERVICE_ID)")
+    ver.add_argument("--trust-anchors", default=None,
+                     help="PEM root certificates to validate the C2PA signer against (default: DSD_C2PA_TRUST_ANCHORS)")
+    ver.set_defaults(handler=_verify)
 
     from .data.cli import add_data_commands
 
