@@ -65,7 +65,8 @@ class SafetyChecks:
                                      settings.output_check_threshold, device)
         self.input_policy = settings.input_check_policy
         self.output_action = settings.output_check_action
-        logger.info(
+        logger.log(
+            logging.INFO if self.input and self.output else logging.WARNING,
             "safety checks: input %s, output %s",
             f"on ({self.input_policy}, labels {sorted(self.input.labels)})" if self.input else "OFF (not configured)",
             f"on ({self.output_action}, labels {sorted(self.output.labels)})" if self.output else "OFF (not configured)",
@@ -83,7 +84,7 @@ class SafetyChecks:
         else:
             decision = "block"
         metrics.SAFETY_DECISIONS.labels(check="input", decision=decision).inc()
-        logger.info("request %s: input check %s%s", request_id, decision, _flag_text(flag))
+        _log_decision(request_id, "input", decision, flag)
         if decision != "block":
             return
         label, score = flag
@@ -100,7 +101,7 @@ class SafetyChecks:
         flag = self.output.flag(image)
         decision = "pass" if flag is None else self.output_action
         metrics.SAFETY_DECISIONS.labels(check="output", decision=decision).inc()
-        logger.info("request %s: output check %s%s", request_id, decision, _flag_text(flag))
+        _log_decision(request_id, "output", decision, flag)
         if decision == "pass":
             return image
         if decision == "blur":
@@ -109,5 +110,9 @@ class SafetyChecks:
         raise ContentPolicyError("output", f"a generated image was classified {label!r} ({score:.2f}) and withheld")
 
 
-def _flag_text(flag: tuple[str, float] | None) -> str:
-    return "" if flag is None else f" (label {flag[0]!r}, score {flag[1]:.3f})"
+def _log_decision(request_id: str, check: str, decision: str, flag: tuple[str, float] | None) -> None:
+    """Passes at INFO, every flag at WARNING; the label and score, never the image."""
+    if flag is None:
+        logger.info("request %s: %s check %s", request_id, check, decision)
+    else:
+        logger.warning("request %s: %s check %s (label %r, score %.3f)", request_id, check, decision, *flag)
