@@ -2,7 +2,8 @@
 
     generated image → Watermark.embed (pixels) → encode (PNG / JPEG / WebP) → ContentCredentials.sign (bytes)
 
-The watermark is DWT-DCT (`invisible-watermark`, the method FLUX's reference code uses) carrying 64 bits: a 32-bit
+The watermark is invisible-watermark's DWT-DCT-SVD (the DWT-DCT family FLUX's reference code uses, in the variant that
+survives JPEG at quality 75 with 4:2:0 chroma; benchmarks/watermark.py) carrying 64 bits: a 32-bit
 service tag (the first 4 bytes of SHA-256 of `watermark_service_id`) and a 32-bit request tag (the first 4 bytes of
 SHA-256 of the request id). The method works on images of at least `MIN_WATERMARK_SIDE` px per side; smaller
 images are left unmarked, which is logged and counted. `verify` reads both the mark and the manifest back.
@@ -25,8 +26,12 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
+METHOD = "dwtDctSvd"
 MIN_WATERMARK_SIDE = 256
-"""invisible-watermark's DWT-DCT needs at least 256 x 256 pixels: below that too few 4x4 blocks carry each bit."""
+"""invisible-watermark needs at least 256 x 256 pixels: below that too few 4x4 blocks carry each bit."""
+READ_SIDES = (512, 1024)
+"""Square sides a square image is also read at when the mark is not found at its own size (with twice its side):
+a resized output, e.g. a 512 px output shrunk to 256, is read back at the size it was marked at."""
 TAG_BYTES = 4
 PAYLOAD_BITS = 2 * TAG_BYTES * 8
 SERVICE_TAG_MAX_ERRORS = 4
@@ -49,12 +54,12 @@ def _bits(data: bytes) -> np.ndarray:
 
 
 def _bgr(image: Image.Image) -> np.ndarray:
-    """The float32 BGR array the DWT-DCT code works on (on uint8 it would truncate its inverse transform)."""
+    """The float32 BGR array the watermark code works on (on uint8 it would truncate its inverse transform)."""
     return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.float32)[:, :, ::-1])
 
 
 class Watermark:
-    """Embeds and reads the 64-bit DWT-DCT mark of one service."""
+    """Embeds and reads the 64-bit mark of one service."""
 
     def __init__(self, service_id: str):
         from imwatermark import WatermarkDecoder, WatermarkEncoder
@@ -71,27 +76,44 @@ class Watermark:
             return None
         encoder = self._encoder_class()
         encoder.set_watermark("bits", _bits(self.payload(request_id)).tolist())
-        marked = encoder.encode(_bgr(image), "dwtDct")
+        marked = encoder.encode(_bgr(image), METHOD)
         return Image.fromarray(np.clip(marked[:, :, ::-1], 0, 255).round().astype(np.uint8))
 
     def read_bits(self, image: Image.Image) -> np.ndarray | None:
         """The 64 payload bits read from `image`, or None when it is too small to carry a mark."""
         if min(image.size) < MIN_WATERMARK_SIDE:
             return None
-        return np.asarray(self._decoder.decode(_bgr(image), "dwtDct"), dtype=np.uint8)
+        return np.asarray(self._decoder.decode(_bgr(image), METHOD), dtype=np.uint8)
 
     def read(self, image: Image.Image) -> dict:
-        """`present` (the service tag matches within `SERVICE_TAG_MAX_ERRORS` bits), `service_tag_errors`, and the
-        `request_tag` (hex) that `request_tag(request id)` computes; `present` is None when the image is too small."""
-        bits = self.read_bits(image)
-        if bits is None:
+        """`present` (the service tag matches within `SERVICE_TAG_MAX_ERRORS` bits), `service_tag_errors`, the
+        `request_tag` (hex) that `request_tag(request id)` computes, and `read_at` (the side it was read at when that
+        is not the image's own). `present` is None when the image is too small at every size tried."""
+        best = None
+        for side in self._read_sides(image):
+            candidate = image if side is None else image.resize((side, side), Image.Resampling.BICUBIC)
+            bits = self.read_bits(candidate)
+            if bits is None:
+                continue
+            errors = int(np.sum(bits[: TAG_BYTES * 8] != _bits(self.service_tag)))
+            if best is None or errors < best["service_tag_errors"]:
+                best = {"present": errors <= SERVICE_TAG_MAX_ERRORS, "service_tag_errors": errors,
+                        "request_tag": np.packbits(bits[TAG_BYTES * 8 :]).tobytes().hex()}
+                if side is not None:
+                    best["read_at"] = side
+            if best["present"]:
+                break
+        if best is None:
             return {"present": None, "reason": f"image is smaller than {MIN_WATERMARK_SIDE} px on a side"}
-        errors = int(np.sum(bits[: TAG_BYTES * 8] != _bits(self.service_tag)))
-        return {
-            "present": errors <= SERVICE_TAG_MAX_ERRORS,
-            "service_tag_errors": errors,
-            "request_tag": np.packbits(bits[TAG_BYTES * 8 :]).tobytes().hex(),
-        }
+        return best
+
+    @staticmethod
+    def _read_sides(image: Image.Image) -> list[int | None]:
+        """None (the image as it is), then for a square image the sides it may have been marked at."""
+        width, height = image.size
+        if width != height:
+            return [None]
+        return [None] + sorted({2 * width, *READ_SIDES} - {width})
 
 
 def request_tag(request_id: str) -> str:

@@ -65,12 +65,14 @@ def test_watermark_round_trip_survives_the_service_jpeg():
     assert not Watermark("another-service").read(marked)["present"]
 
 
-def test_watermark_minimum_size():
-    small = PICTURE.resize((MIN_WATERMARK_SIDE - 16, MIN_WATERMARK_SIDE - 16))
+def test_watermark_minimum_size_and_resized_reads():
     mark = Watermark("dsd-serve")
-    assert mark.embed(small, "r") is None
-    assert mark.read(small)["present"] is None
+    assert mark.embed(PICTURE.resize((MIN_WATERMARK_SIDE - 16,) * 2), "r") is None
+    assert mark.read(PICTURE.resize((MIN_WATERMARK_SIDE, MIN_WATERMARK_SIDE - 16)))["present"] is None
     assert mark.embed(PICTURE.resize((MIN_WATERMARK_SIDE,) * 2), "r") is not None
+    halved = mark.embed(PICTURE, "r").resize((256, 256), Image.Resampling.BICUBIC)
+    assert mark.read(halved) == {"present": True, "service_tag_errors": 0, "request_tag": request_tag("r"),
+                                 "read_at": 512}
 
 
 @pytest.mark.parametrize("output_format", ["png", "jpeg", "webp"])
