@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from PIL import Image
 from dsd_model.provenance import Claim, ContentCredentials, Watermark, _bits, write_development_chain
 from dsd_model.settings import Settings
 from dsd_serve.runtime import encode_image
+from latent_cache import median_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = 512
@@ -69,13 +69,7 @@ def tiny_output() -> Image.Image:
 
 
 def median_ms(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+    return 1000 * median_seconds(function, repeats)
 
 
 def robustness(images: dict[str, Image.Image], payloads: int) -> None:
