@@ -23,7 +23,7 @@ from PIL import Image
 
 from dsd_model.provenance import Claim, ContentCredentials, Watermark, _bits, write_development_chain
 from dsd_model.settings import Settings
-from dsd_serve.runtime import encode_image
+from dsd_model.images import encode_image
 from latent_cache import median_seconds
 
 ROOT = Path(__file__).resolve().parent.parent

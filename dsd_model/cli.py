@@ -6,20 +6,33 @@ import argparse
 import json
 import logging
 import sys
+import uuid
 from pathlib import Path
 
 from . import limits
-from .errors import InputError, WeightsError
+from .errors import ContentPolicyError, InputError, WeightsError
+
+OUTPUT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
 def _generate(args: argparse.Namespace) -> None:
     from .images import decode_image
     from .loading import TINY_NOTICE, adapter_for_mode, load_pipeline
+    from .outputs import OutputStage
+    from .provenance import Claim
     from .settings import Settings
 
+    out = Path(args.out)
+    output_format = OUTPUT_FORMATS.get(out.suffix.lower())
+    if output_format is None:
+        raise InputError("--out", f"suffix {out.suffix!r} is not one of {', '.join(OUTPUT_FORMATS)}")
     settings = Settings()
+    request_id = f"cli-{uuid.uuid4().hex}"
     image = decode_image(args.image, "--image")
+    outputs = OutputStage(settings)
+    outputs.safety.check_input(image, consent=args.consent, request_id=request_id)
     pipe = load_pipeline(settings)
+    adapter = adapter_for_mode(pipe, args.mode)
     pipe.set_progress_bar_config(disable=False, desc="denoising")
     result = pipe(
         image,
@@ -31,12 +44,14 @@ def _generate(args: argparse.Namespace) -> None:
         size=args.size if args.size is not None else settings.size,
         seed=args.seed,
         full_canvas=args.full_canvas,
-        adapter=adapter_for_mode(pipe, args.mode),
+        adapter=adapter,
     )
-    out = Path(args.out)
+    claim = Claim(request_id=request_id, model=outputs.model_name, adapter=adapter, profile=pipe.profile,
+                  prompt=args.prompt)
+    data = outputs.finish(result.images[0], output_format, claim)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result.images[0].save(out)
-    print(f"wrote {out} (seed {result.seeds[0]}, profile {pipe.profile}, mode {args.mode})")
+    out.write_bytes(data)
+    print(f"wrote {out} (seed {result.seeds[0]}, profile {pipe.profile}, mode {args.mode}, request id {request_id})")
     if pipe.profile == "tiny":
         print(TINY_NOTICE)
 
@@ -71,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate one image from a reference image and a prompt")
     gen.add_argument("--image", required=True, help="reference image (PNG, JPEG or WebP)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--out", required=True, help="output image path")
+    gen.add_argument("--out", required=True, help="output image path (.png, .jpg or .webp; marked and, when a key "
+                     "is configured, signed like the service's outputs)")
     gen.add_argument("--mode", default="identity", help="identity | structure (selects the adapter)")
     gen.add_argument("--steps", type=int, default=28, help=f"denoising steps [{limits.MIN_STEPS}, {limits.MAX_STEPS}]")
     gen.add_argument("--seed", type=int, default=None, help="random when absent; always printed")
@@ -80,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--text-guidance", type=float, default=1.0, help="true-CFG text scale")
     gen.add_argument("--size", type=int, default=None, help="reference/output side, multiple of 16 (default 512)")
     gen.add_argument("--full-canvas", action="store_true", help="write the whole [reference | output] canvas")
+    gen.add_argument("--consent", action="store_true",
+                     help="the person shown agreed to this use (needed when the input check flags the reference)")
     gen.set_defaults(handler=_generate)
 
     conv = sub.add_parser("convert", help="convert DSD / FLUX transformer checkpoints (safetensors only)")
@@ -113,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (InputError, WeightsError, FileNotFoundError) as exc:
+    except (InputError, WeightsError, ContentPolicyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

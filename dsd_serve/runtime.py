@@ -7,41 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
 import secrets
 import time
 import uuid
-from pathlib import Path
 from dataclasses import dataclass
 from functools import partial
 from typing import AsyncIterator, Callable
 
 from PIL import Image
 
-from dsd_model import GenerationRequest, InputError, limits, metrics
+from dsd_model import GenerationRequest, InputError, limits
 from dsd_model.engine import Engine, EngineConfig, Event, Job, JobResult
 from dsd_model.images import decode_image
 from dsd_model.latent_cache import open_latent_cache
 from dsd_model.loading import TINY_NOTICE, adapter_for_mode, load_pipeline
-from dsd_model.provenance import Claim, ContentCredentials, Watermark
-from dsd_model.safety import SafetyChecks
+from dsd_model.outputs import OutputStage
+from dsd_model.provenance import Claim
 from dsd_model.settings import Settings
 
 from .schemas import GenerateParams
 
 logger = logging.getLogger(__name__)
-
-ENCODE_OPTIONS = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": 95, "subsampling": 0},
-                  "webp": {"format": "WEBP", "quality": 95}}
-"""JPEG keeps full-resolution chroma (4:4:4): the watermark lives in the chroma plane, which 4:2:0 would blur away."""
-
-
-def encode_image(image: Image.Image, output_format: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, **ENCODE_OPTIONS[output_format])
-    return buffer.getvalue()
-
 
 @dataclass
 class GenerationResult:
@@ -63,7 +50,7 @@ class Submission:
     jobs: list[Job]
     arrived: float
     finish: Callable[[Image.Image], bytes]
-    """Checks, marks, encodes and signs one output image (`Runtime.finish_image` bound to this request)."""
+    """Checks, marks, encodes and signs one output image (`OutputStage.finish` bound to this request)."""
 
     def cancel(self) -> None:
         for job in self.jobs:
@@ -124,9 +111,7 @@ class Runtime:
             ),
             latent_cache=open_latent_cache(self.settings, self.pipe.vae),
         )
-        self.safety = SafetyChecks(self.settings)
-        self.watermark = Watermark(self.settings.watermark_service_id) if self.settings.watermark else None
-        self.credentials = ContentCredentials(self.settings)
+        self.outputs = OutputStage(self.settings)
 
     @property
     def profile(self) -> str:
@@ -135,43 +120,6 @@ class Runtime:
     @property
     def notice(self) -> str | None:
         return TINY_NOTICE if self.profile == "tiny" else None
-
-    @property
-    def model_name(self) -> str:
-        if self.profile == "tiny":
-            return "dsd-tiny (random weights)"
-        return f"FLUX.1-dev with DSD transformer {Path(self.settings.transformer_path or 'dsd_transformer').name}"
-
-    def finish_image(self, image: Image.Image, output_format: str, claim: Claim) -> bytes:
-        """What every output goes through before it leaves: the output check (may raise `ContentPolicyError` or
-        blur), the watermark (images of at least 256 px a side), the encoding, the C2PA manifest."""
-        stage = time.perf_counter()
-
-        def timed(name: str) -> None:
-            nonlocal stage
-            now = time.perf_counter()
-            metrics.PROVENANCE_DURATION.labels(stage=name).observe(now - stage)
-            stage = now
-
-        image = self.safety.check_output(image, claim.request_id)
-        timed("check")
-        if self.watermark is None:
-            metrics.WATERMARKS.labels(result="disabled").inc()
-        else:
-            marked = self.watermark.embed(image, claim.request_id)
-            if marked is None:
-                metrics.WATERMARKS.labels(result="too_small").inc()
-                logger.info("request %s: %dx%d output is below the watermark's minimum side and is not marked",
-                            claim.request_id, *image.size)
-            else:
-                metrics.WATERMARKS.labels(result="embedded").inc()
-                image = marked
-            timed("watermark")
-        data = encode_image(image, output_format)
-        timed("encode")
-        data = self.credentials.sign(data, output_format, claim)
-        timed("sign")
-        return data
 
     def start(self) -> None:
         self.engine.start()
@@ -193,7 +141,7 @@ class Runtime:
             raise InputError("image", f"{len(image)} bytes exceeds the limit of {self.settings.max_upload_bytes}")
         adapter = adapter_for_mode(self.pipe, params.mode)
         reference = await asyncio.to_thread(decode_image, image, "image")
-        await asyncio.to_thread(self.safety.check_input, reference, params.consent, request_id)
+        await asyncio.to_thread(self.outputs.safety.check_input, reference, params.consent, request_id)
         image_digest = hashlib.sha256(image).hexdigest()
         size = params.size if params.size is not None else self.settings.size
         first_seed = params.seed if params.seed is not None else secrets.randbelow(limits.MAX_SEED)
@@ -220,7 +168,7 @@ class Runtime:
             for job in jobs:
                 job.cancel()
             raise
-        claim = Claim(request_id=request_id, model=self.model_name, adapter=adapter, profile=self.profile,
+        claim = Claim(request_id=request_id, model=self.outputs.model_name, adapter=adapter, profile=self.profile,
                       prompt=params.prompt)
-        finish = partial(self.finish_image, output_format=params.output_format, claim=claim)
+        finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim)
         return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived, finish=finish)

@@ -25,7 +25,7 @@ from dsd_model.provenance import (
 from dsd_model.safety import SafetyChecks
 from dsd_model.settings import Settings
 from dsd_model.tiny import write_tiny_classifier
-from dsd_serve.runtime import ENCODE_OPTIONS, encode_image
+from dsd_model.images import ENCODE_OPTIONS, encode_image
 from servers import ROOT
 
 PICTURE = Image.open(ROOT / "tests" / "assets" / "reference.png").convert("RGB").resize((512, 512))
@@ -175,3 +175,16 @@ def test_dsd_verify_cli(chain, tmp_path, capsys):
     assert report["watermark"]["present"] and report["watermark"]["request_tag"] == request_tag("req-42")
     assert report["c2pa"]["validation_state"] == "Trusted"
     assert main(["verify", str(tmp_path / "missing.png")]) == 2
+
+
+def test_dsd_generate_marks_its_output(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DSD_PROFILE", "tiny")
+    out = tmp_path / "out.png"
+    code = main(["generate", "--image", str(ROOT / "tests" / "assets" / "reference.png"), "--prompt", "a toy",
+                 "--out", str(out), "--steps", "2", "--size", "256", "--seed", "1"])
+    assert code == 0
+    request_id = capsys.readouterr().out.split("request id ")[1].split(")")[0]
+    mark = Watermark("dsd-serve").read(Image.open(out))
+    assert mark["present"] and mark["request_tag"] == request_tag(request_id)
+    assert main(["generate", "--image", str(ROOT / "tests" / "assets" / "reference.png"), "--prompt", "a toy",
+                 "--out", str(tmp_path / "out.gif")]) == 2
