@@ -2,10 +2,10 @@
 
     generated image → Watermark.embed (pixels) → encode (PNG / JPEG / WebP) → ContentCredentials.sign (bytes)
 
-The watermark is invisible-watermark's DWT-DCT-SVD (the DWT-DCT family FLUX's reference code uses, in the variant that
-survives JPEG at quality 75 with 4:2:0 chroma; benchmarks/watermark.py) carrying 64 bits: a 32-bit
-service tag (the first 4 bytes of SHA-256 of `watermark_service_id`) and a 32-bit request tag (the first 4 bytes of
-SHA-256 of the request id). The method works on images of at least `MIN_WATERMARK_SIDE` px per side; smaller
+The watermark is invisible-watermark's DWT-DCT-SVD (the DWT-DCT family FLUX's reference code uses, in the variant
+that survives JPEG at quality 75 with 4:2:0 chroma; benchmarks/watermark.py) carrying 64 bits: a 32-bit service tag
+(the first 4 bytes of SHA-256 of `watermark_service_id`) and a 32-bit request tag (the first 4 bytes of SHA-256 of
+the request id). The method works on images of at least `MIN_WATERMARK_SIDE` px per side; smaller
 images are left unmarked, which is logged and counted. `verify` reads both the mark and the manifest back.
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import metrics
+from .limits import MAX_SIZE
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -29,16 +30,16 @@ logger = logging.getLogger(__name__)
 METHOD = "dwtDctSvd"
 MIN_WATERMARK_SIDE = 256
 """invisible-watermark needs at least 256 x 256 pixels: below that too few 4x4 blocks carry each bit."""
-READ_SIDES = (512, 1024)
-"""Square sides a square image is also read at when the mark is not found at its own size (with twice its side):
-a resized output, e.g. a 512 px output shrunk to 256, is read back at the size it was marked at."""
+READ_SIDES = (512, MAX_SIZE)
+"""Square sides a square image is also read at when the mark is not found at its own size (with twice its side, up
+to the largest output side): a resized output, e.g. a 512 px output shrunk to 256, is read back at the size it was
+marked at."""
 TAG_BYTES = 4
 PAYLOAD_BITS = 2 * TAG_BYTES * 8
 SERVICE_TAG_MAX_ERRORS = 4
 """A mark counts as present when at most 4 of the 32 service-tag bits differ: a random image matches that closely
 with probability about 1e-5."""
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-FORMAT_OF_PIL = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 GENERATION_ASSERTION = "org.dsd-serve.generation"
 SERVICE_NAME = "dsd-serve"
@@ -113,7 +114,7 @@ class Watermark:
         width, height = image.size
         if width != height:
             return [None]
-        return [None] + sorted({2 * width, *READ_SIDES} - {width})
+        return [None] + sorted(side for side in {2 * width, *READ_SIDES} - {width} if side <= MAX_SIZE)
 
 
 def request_tag(request_id: str) -> str:
@@ -152,9 +153,24 @@ class ContentCredentials:
             chain = Path(settings.c2pa_cert_chain).read_bytes()
             key = Path(settings.c2pa_private_key).read_bytes()
             info = c2pa.C2paSignerInfo(c2pa.C2paSigningAlg[settings.c2pa_algorithm.upper()], chain, key, None)
-            self._signer = c2pa.Signer.from_info(info)
+            try:
+                self._signer = c2pa.Signer.from_info(info)
+                self._check_signing()
+            except c2pa.C2paError as exc:
+                raise ValueError(f"C2PA signing with DSD_C2PA_CERT_CHAIN / DSD_C2PA_PRIVATE_KEY fails: {exc}") from exc
             logger.info("C2PA signing is on (%s, chain %s)", settings.c2pa_algorithm, settings.c2pa_cert_chain)
         metrics.C2PA_SIGNING_ENABLED.set(1 if self.signing else 0)
+
+    def _check_signing(self) -> None:
+        """Sign a blank image and validate it, so that a key that does not match its certificate, or a certificate
+        C2PA does not accept, stops the start instead of every request."""
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buffer, format="PNG")
+        claim = Claim(request_id="signing-check", model="none", adapter=None, profile="none")
+        report = read_credentials(self._embed(buffer.getvalue(), "png", claim))
+        if report["validation_state"] not in ("Valid", "Trusted"):
+            raise ValueError(f"C2PA signing with DSD_C2PA_CERT_CHAIN / DSD_C2PA_PRIVATE_KEY makes manifests that do "
+                             f"not validate: {', '.join(report['failures'])}")
 
     @property
     def signing(self) -> bool:
@@ -183,10 +199,14 @@ class ContentCredentials:
         if self._signer is None:
             metrics.C2PA_MANIFESTS.labels(result="unsigned").inc()
             return data
+        signed = self._embed(data, output_format, claim)
+        metrics.C2PA_MANIFESTS.labels(result="signed").inc()
+        return signed
+
+    def _embed(self, data: bytes, output_format: str, claim: Claim) -> bytes:
         builder = self._c2pa.Builder(self.manifest(claim), context=self._context)
         out = io.BytesIO()
         builder.sign(self._signer, MIME_TYPES[output_format], io.BytesIO(data), out)
-        metrics.C2PA_MANIFESTS.labels(result="signed").inc()
         return out.getvalue()
 
 

@@ -65,11 +65,12 @@ class SafetyChecks:
                                      settings.output_check_threshold, device)
         self.input_policy = settings.input_check_policy
         self.output_action = settings.output_check_action
+        off = "OFF (not configured)"
         logger.log(
             logging.INFO if self.input and self.output else logging.WARNING,
             "safety checks: input %s, output %s",
-            f"on ({self.input_policy}, labels {sorted(self.input.labels)})" if self.input else "OFF (not configured)",
-            f"on ({self.output_action}, labels {sorted(self.output.labels)})" if self.output else "OFF (not configured)",
+            f"on ({self.input_policy}, labels {sorted(self.input.labels)})" if self.input else off,
+            f"on ({self.output_action}, labels {sorted(self.output.labels)})" if self.output else off,
         )
 
     def check_input(self, reference: Image.Image, consent: bool, request_id: str) -> None:

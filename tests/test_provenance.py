@@ -116,9 +116,16 @@ def test_unsigned_mode_is_logged_and_measured(caplog):
     assert read_credentials(data)["present"] is False
 
 
-def test_signing_needs_both_key_and_chain(chain):
+def test_signing_needs_both_key_and_chain_that_match(chain, tmp_path):
+    chain_path, key_path, root_path = chain
     with pytest.raises(ValueError, match="c2pa_private_key"):
-        Settings(c2pa_cert_chain=chain[0])
+        Settings(c2pa_cert_chain=chain_path)
+    with pytest.raises(ValueError, match="self-signed"):
+        ContentCredentials(Settings(c2pa_cert_chain=root_path, c2pa_private_key=key_path))
+    broken = tmp_path / "broken.key"
+    broken.write_text("not a key")
+    with pytest.raises(ValueError, match="private key"):
+        ContentCredentials(Settings(c2pa_cert_chain=chain_path, c2pa_private_key=broken))
 
 
 def test_checks_are_off_when_not_configured():

@@ -97,6 +97,18 @@ def test_rest_output_is_marked_signed_and_verifiable(servers):
     assert guarded.metric("dsd_safety_decisions_total", check="output", decision="pass") >= 1
 
 
+def test_verify_refuses_what_is_not_an_image(servers):
+    guarded, _, _ = servers
+    garbage = httpx.post(f"{guarded.url}/verify", content=b"not an image", headers={"content-type": "image/png"},
+                         timeout=30)
+    assert garbage.status_code == 422 and garbage.json()["error"]["field"] == "image"
+    wrong = httpx.post(f"{guarded.url}/verify", json={"image": "x"}, timeout=30)
+    assert wrong.status_code == 415 and "image/png" in wrong.json()["error"]["message"]
+    plain = httpx.post(f"{guarded.url}/verify", content=REFERENCE, headers={"content-type": "image/png"}, timeout=30)
+    assert plain.status_code == 200
+    assert plain.json()["watermark"]["present"] is None and plain.json()["c2pa"]["present"] is False
+
+
 def test_grpc_output_is_marked_and_signed(servers):
     guarded, _, root = servers
     channel, stub = grpc_stub(guarded)
