@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     # ---- provenance and safety
     watermark: bool = Field(
         True, description="Embed the invisible DWT-DCT-SVD watermark (service and request tag) in every output of at "
-        "least 256 px a side; on by default because it is cheap next to generation: about 0.25 s of one CPU core "
+        "least 256 px a side; on by default because it is cheap next to generation: 0.25-0.4 s of one CPU core "
         "per 512 px image, off the denoising thread (benchmarks/watermark.py).",
     )
     watermark_service_id: str = Field(
