@@ -36,6 +36,8 @@ def main() -> int:
     parser.add_argument("--num-images", type=int)
     parser.add_argument("--timeout", type=float, default=300.0, help="the call's deadline in seconds")
     parser.add_argument("--stream", action="store_true", help="print progress while the images denoise")
+    parser.add_argument("--consent", action="store_true",
+                        help="the person shown agreed to this use (servers with an input check may require it)")
     args = parser.parse_args()
 
     request = dsd_pb2.GenerateRequest(
@@ -46,6 +48,7 @@ def main() -> int:
         seed=args.seed,
         size=args.size,
         num_images=args.num_images,
+        consent=args.consent or None,
     )
     metadata = [("authorization", f"Bearer {os.environ['DSD_API_KEY']}")] if os.environ.get("DSD_API_KEY") else []
     options = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
