@@ -1,24 +1,38 @@
-"""The `dsd` command: generate, convert, and the data and training stages."""
+"""The `dsd` command: generate, convert, verify, and the data and training stages."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import uuid
 from pathlib import Path
 
 from . import limits
-from .errors import InputError, WeightsError
+from .errors import ContentPolicyError, InputError, WeightsError
+
+OUTPUT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
 def _generate(args: argparse.Namespace) -> None:
     from .images import decode_image
     from .loading import TINY_NOTICE, adapter_for_mode, load_pipeline
+    from .outputs import OutputStage
+    from .provenance import Claim
     from .settings import Settings
 
+    out = Path(args.out)
+    output_format = OUTPUT_FORMATS.get(out.suffix.lower())
+    if output_format is None:
+        raise InputError("--out", f"suffix {out.suffix!r} is not one of {', '.join(OUTPUT_FORMATS)}")
     settings = Settings()
+    request_id = f"cli-{uuid.uuid4().hex}"
     image = decode_image(args.image, "--image")
+    outputs = OutputStage(settings)
+    outputs.safety.check_input(image, consent=args.consent, request_id=request_id)
     pipe = load_pipeline(settings)
+    adapter = adapter_for_mode(pipe, args.mode)
     pipe.set_progress_bar_config(disable=False, desc="denoising")
     result = pipe(
         image,
@@ -30,12 +44,15 @@ def _generate(args: argparse.Namespace) -> None:
         size=args.size if args.size is not None else settings.size,
         seed=args.seed,
         full_canvas=args.full_canvas,
-        adapter=adapter_for_mode(pipe, args.mode),
+        adapter=adapter,
     )
-    out = Path(args.out)
+    claim = Claim(request_id=request_id, model=outputs.model_name, adapter=adapter, profile=pipe.profile,
+                  prompt=args.prompt)
+    data = outputs.finish(result.images[0], output_format, claim)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result.images[0].save(out)
-    print(f"wrote {out} (seed {result.seeds[0]}, profile {pipe.profile}, mode {args.mode or 'default'})")
+    out.write_bytes(data)
+    print(f"wrote {out} (seed {result.seeds[0]}, profile {pipe.profile}, mode {args.mode or 'default'}, "
+          f"request id {request_id})")
     if pipe.profile == "tiny":
         print(TINY_NOTICE)
 
@@ -50,6 +67,19 @@ def _convert(args: argparse.Namespace) -> None:
     )
 
 
+def _verify(args: argparse.Namespace) -> None:
+    from .provenance import verify
+    from .settings import Settings
+
+    path = Path(args.image)
+    if not path.is_file():
+        raise InputError("image", f"file {str(path)!r} does not exist")
+    settings = Settings()
+    service_id = args.service_id or settings.watermark_service_id
+    trust_anchors = args.trust_anchors or settings.c2pa_trust_anchors
+    print(json.dumps(verify(path.read_bytes(), service_id, trust_anchors), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate one image from a reference image and a prompt")
     gen.add_argument("--image", required=True, help="reference image (PNG, JPEG or WebP)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--out", required=True, help="output image path")
+    gen.add_argument("--out", required=True, help="output image path (.png, .jpg or .webp; marked and, when a key "
+                     "is configured, signed like the service's outputs)")
     gen.add_argument("--mode", help="identity | structure (selects the adapter); the default adapter when absent")
     gen.add_argument("--steps", type=int, default=28, help=f"denoising steps [{limits.MIN_STEPS}, {limits.MAX_STEPS}]")
     gen.add_argument("--seed", type=int, default=None, help="random when absent; always printed")
@@ -66,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--text-guidance", type=float, default=1.0, help="true-CFG text scale")
     gen.add_argument("--size", type=int, default=None, help="reference/output side, multiple of 16 (default 512)")
     gen.add_argument("--full-canvas", action="store_true", help="write the whole [reference | output] canvas")
+    gen.add_argument("--consent", action="store_true",
+                     help="the person shown agreed to this use (needed when the input check flags the reference)")
     gen.set_defaults(handler=_generate)
 
     conv = sub.add_parser("convert", help="convert DSD / FLUX transformer checkpoints (safetensors only)")
@@ -75,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--fold-lora", action="store_true", help="fold LoRA tensors embedded in the source exactly")
     conv.add_argument("--lora-scale", type=float, default=1.0, help="scale of a folded LoRA (official: 1.0)")
     conv.set_defaults(handler=_convert)
+
+    ver = sub.add_parser("verify", help="read an image's provenance: the invisible watermark and C2PA credentials")
+    ver.add_argument("image", help="image file (PNG, JPEG or WebP)")
+    ver.add_argument("--service-id", default=None, help="watermark service id (default: DSD_WATERMARK_SERVICE_ID)")
+    ver.add_argument("--trust-anchors", default=None,
+                     help="PEM root certificates to validate the C2PA signer against (default: DSD_C2PA_TRUST_ANCHORS)")
+    ver.set_defaults(handler=_verify)
 
     from .data.cli import add_data_commands
 
@@ -92,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (InputError, WeightsError, FileNotFoundError) as exc:
+    except (InputError, WeightsError, ContentPolicyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

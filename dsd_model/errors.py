@@ -48,3 +48,12 @@ class DeadlineExceeded(EngineError):
 class InternalError(EngineError):
     def __init__(self, request_id: str):
         super().__init__(f"internal error while generating request {request_id}; see the server log")
+
+
+class ContentPolicyError(Exception):
+    """A safety check withheld the request or its output (a client-side outcome: the request was well-formed)."""
+
+    def __init__(self, check: str, message: str, field: str | None = None):
+        self.check = check
+        self.field = field
+        super().__init__(f"content policy ({check}): {message}")

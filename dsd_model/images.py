@@ -21,6 +21,9 @@ from .limits import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 PREPROCESS_VERSION = 1
 """Bumped whenever preprocessing changes; part of the condition-latent cache key."""
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+ENCODE_OPTIONS = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": 95, "subsampling": 0},
+                  "webp": {"format": "WEBP", "quality": 95}}
+"""Output encodings. JPEG keeps full-resolution chroma (4:4:4): the watermark lives in the chroma plane."""
 LOSSLESS_MODES = ("RGB", "L", "1", "P", "RGBA", "LA")
 
 
@@ -109,3 +112,10 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] → PIL images (the decode side of `VaeImageProcessor.postprocess`)."""
     array = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+def encode_image(image: Image.Image, output_format: str) -> bytes:
+    """`image` encoded as `output_format` (png, jpeg or webp) with `ENCODE_OPTIONS`."""
+    buffer = io.BytesIO()
+    image.save(buffer, **ENCODE_OPTIONS[output_format])
+    return buffer.getvalue()

@@ -42,3 +42,23 @@ CACHE_DURATION = Histogram(
 )
 PROMPT_CACHE_HITS = Counter("dsd_prompt_cache_hits_total", "Prompts whose embeddings were reused in-process.")
 PROMPT_CACHE_MISSES = Counter("dsd_prompt_cache_misses_total", "Prompts that went through the text encoders.")
+WATERMARKS = Counter(
+    "dsd_watermarks_total",
+    "Output images by watermark result: embedded, or too_small (under 256 px on a side: left unmarked), or disabled.",
+    ["result"],
+)
+C2PA_SIGNING_ENABLED = Gauge(
+    "dsd_c2pa_signing_enabled", "1 when outputs carry signed C2PA Content Credentials, 0 when the service runs "
+    "unsigned (no key and certificate chain configured).", multiprocess_mode="livemax",
+)
+C2PA_MANIFESTS = Counter("dsd_c2pa_manifests_total", "Output images by C2PA result: signed or unsigned.", ["result"])
+SAFETY_DECISIONS = Counter(
+    "dsd_safety_decisions_total",
+    "Safety check decisions by check (input, output) and decision (pass, block, blur, consented).",
+    ["check", "decision"],
+)
+PROVENANCE_DURATION = Histogram(
+    "dsd_output_stage_duration_seconds",
+    "Time of one output stage per image: check (output classifier), watermark, encode, sign (C2PA).",
+    ["stage"], buckets=STEP_SECONDS,
+)

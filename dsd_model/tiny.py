@@ -8,6 +8,7 @@ Tiny components produce noise-like images; that is expected.
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -206,3 +207,19 @@ def build_real_size_vae(dtype: torch.dtype = torch.float32, seed: int = 0) -> Au
     torch.manual_seed(seed)
     model = AutoencoderKL(**FLUX_VAE_CONFIG).eval()
     return model if dtype == torch.float32 else model.to(dtype)
+
+
+def write_tiny_classifier(directory: Path, labels: tuple[str, ...] = ("safe", "nsfw"), seed: int = 0) -> Path:
+    """A ViT image classifier of a few KB with random weights and the given labels, saved with its image processor
+    in transformers layout (what the safety checks load), for tests and trials of the safety checks."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+    )
+    ViTForImageClassification(config).save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return Path(directory)

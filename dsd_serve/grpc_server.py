@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import SecretStr, ValidationError
 
 from dsd_model import limits, metrics
-from dsd_model.errors import DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
+from dsd_model.errors import ContentPolicyError, DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
 from dsd_model.settings import Settings
 
 from . import grpc_convert as convert
@@ -83,6 +83,9 @@ def status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str, t
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         return grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {first['msg']}", (("field", field),), "invalid_argument"
+    if isinstance(exc, ContentPolicyError):
+        metadata = (("check", exc.check),) + ((("field", exc.field),) if exc.field else ())
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc), metadata, "content_policy"
     if isinstance(exc, QueueFull):
         retry = (("retry-after-s", str(int(exc.retry_after))),)
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), retry, "rejected"

@@ -22,8 +22,10 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from dsd_model import metrics
-from dsd_model.errors import DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
+from dsd_model import metrics, provenance
+from dsd_model.errors import ContentPolicyError, DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
+
+from dsd_model.settings import Settings
 
 from .schemas import ErrorResponse, GenerateJSON, GenerateParams, GenerateResponse, Timings
 
@@ -33,6 +35,7 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 DISCONNECT_POLL_S = 0.25
 FORM_OVERHEAD = 64 * 1024
 """Room for the other fields and multipart boundaries beside the image."""
+VERIFY_TYPES = ("image/png", "image/jpeg", "image/webp")
 
 
 class ClientFault(Exception):
@@ -56,6 +59,8 @@ def error_response(exc: BaseException, request_id: str) -> tuple[JSONResponse, s
         message = f"{field}: {first['msg']}" if field else first["msg"]
         if first["type"] == "extra_forbidden":
             message = f"{field}: unknown field; accepted fields: {', '.join(sorted(GenerateJSON.model_fields))}"
+    elif isinstance(exc, ContentPolicyError):
+        status, code, message, field, outcome = 422, "content_policy", str(exc), exc.field, "content_policy"
     elif isinstance(exc, QueueFull):
         status, code, message, field, outcome = 429, "resource_exhausted", str(exc), None, "rejected"
         headers["Retry-After"] = str(int(exc.retry_after))
@@ -214,5 +219,33 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
             notice=runtime.notice,
         )
         return JSONResponse(body.model_dump(), headers={"X-Request-ID": request_id})
+
+    @app.post(
+        "/verify",
+        responses={code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 500)},
+        openapi_extra={"requestBody": {"content": {f"image/{kind}": {"schema": {"type": "string", "format": "binary"}}
+                                                   for kind in ("png", "jpeg", "webp")}, "required": True}},
+    )
+    async def verify(request: Request):
+        """Read the provenance of an image: this service's invisible watermark and its C2PA Content Credentials.
+        The body is the image itself (Content-Type image/png, image/jpeg or image/webp)."""
+        supplied = request.headers.get("x-request-id", "")
+        request_id = supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        runtime = request.app.state.runtime
+        settings = runtime.settings if runtime is not None else Settings()
+        try:
+            if runtime is not None:
+                authenticate(request, runtime)
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type not in VERIFY_TYPES:
+                raise ClientFault(415, "unsupported_media_type", f"content type {content_type or 'none'!r} is not "
+                                  f"accepted; send the image itself as one of {', '.join(VERIFY_TYPES)}")
+            image = await read_body(request, settings.max_upload_bytes)
+            report = await asyncio.to_thread(
+                provenance.verify, image, settings.watermark_service_id, settings.c2pa_trust_anchors
+            )
+        except Exception as exc:
+            return error_response(exc, request_id)[0]
+        return JSONResponse(report, headers={"X-Request-ID": request_id})
 
     return app

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import AsyncIterator, Callable
 
 from PIL import Image
@@ -22,20 +22,13 @@ from dsd_model.engine import Engine, EngineConfig, Event, Job, JobResult
 from dsd_model.images import decode_image
 from dsd_model.latent_cache import open_latent_cache
 from dsd_model.loading import TINY_NOTICE, adapter_for_mode, load_pipeline
+from dsd_model.outputs import OutputStage
+from dsd_model.provenance import Claim
 from dsd_model.settings import Settings
 
 from .schemas import GenerateParams
 
 logger = logging.getLogger(__name__)
-
-ENCODE_OPTIONS = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": 95}, "webp": {"format": "WEBP", "quality": 95}}
-
-
-def encode_image(image: Image.Image, output_format: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, **ENCODE_OPTIONS[output_format])
-    return buffer.getvalue()
-
 
 @dataclass
 class GenerationResult:
@@ -56,6 +49,8 @@ class Submission:
     request_id: str
     jobs: list[Job]
     arrived: float
+    finish: Callable[[Image.Image], bytes]
+    """Checks, marks, encodes and signs one output image (`OutputStage.finish` bound to this request)."""
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Cancel every job; `reason` as in `Job.cancel`."""
@@ -92,9 +87,7 @@ class Submission:
         except BaseException:
             self.cancel(cancel_reason())
             raise
-        images = await asyncio.to_thread(
-            lambda: [encode_image(r.image, self.params.output_format) for r in results]
-        )
+        images = await asyncio.to_thread(lambda: [self.finish(r.image) for r in results])
         return GenerationResult(
             images=images,
             seeds=[r.seed for r in results],
@@ -120,6 +113,7 @@ class Runtime:
             ),
             latent_cache=open_latent_cache(self.settings, self.pipe.vae),
         )
+        self.outputs = OutputStage(self.settings)
 
     @property
     def profile(self) -> str:
@@ -149,6 +143,7 @@ class Runtime:
             raise InputError("image", f"{len(image)} bytes exceeds the limit of {self.settings.max_upload_bytes}")
         adapter = adapter_for_mode(self.pipe, params.mode)
         reference = await asyncio.to_thread(decode_image, image, "image")
+        await asyncio.to_thread(self.outputs.safety.check_input, reference, params.consent, request_id)
         image_digest = hashlib.sha256(image).hexdigest()
         size = params.size if params.size is not None else self.settings.size
         first_seed = params.seed if params.seed is not None else secrets.randbelow(limits.MAX_SEED)
@@ -175,4 +170,7 @@ class Runtime:
             for job in jobs:
                 job.cancel()
             raise
-        return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived)
+        claim = Claim(request_id=request_id, model=self.outputs.model_name, adapter=adapter, profile=self.profile,
+                      prompt=params.prompt)
+        finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim)
+        return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived, finish=finish)

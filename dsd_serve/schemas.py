@@ -29,6 +29,8 @@ class GenerateParams(BaseModel):
     num_images: Annotated[int, Field(ge=1, le=16)] = 1
     output_format: OutputFormat = "png"
     deadline_s: Annotated[float, Field(gt=0)] | None = None
+    consent: bool = Field(False, description="the person shown in the reference agreed to this use (needed when the "
+                          "service's input check flags the reference as showing a real person)")
 
 
 class GenerateJSON(GenerateParams):

@@ -55,6 +55,8 @@ def main() -> int:
     parser.add_argument("--tls-ca", type=Path, help="PEM CA bundle that signed the server's certificate: use TLS")
     parser.add_argument("--tls-cert", type=Path, help="PEM client certificate, for servers requiring mutual TLS")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--consent", action="store_true",
+                        help="the person shown agreed to this use (servers with an input check may require it)")
     args = parser.parse_args()
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -70,6 +72,7 @@ def main() -> int:
         seed=args.seed,
         size=args.size,
         num_images=args.num_images,
+        consent=args.consent or None,
     )
     metadata = [("authorization", f"Bearer {os.environ['DSD_API_KEY']}")] if os.environ.get("DSD_API_KEY") else []
     options = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]

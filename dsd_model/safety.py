@@ -1,0 +1,119 @@
+"""Safety checks: an image classifier on every reference (input) and on every output, each optional.
+
+Both checks have one interface, `ImageCheck`: a transformers image-classification model loaded from a local path, the
+labels that flag an image and a score threshold. What a flag does is the operator's policy:
+
+    input   require_consent: the request must carry `consent: true`; refuse: always refused
+    output  block: the images are withheld; blur: the images go out blurred
+
+A refusal raises `ContentPolicyError` naming the check (422 `content_policy` / FAILED_PRECONDITION). Every decision is
+counted in `dsd_safety_decisions_total` and logged with the request id; images are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from PIL import Image, ImageFilter
+
+from . import metrics
+from .errors import ContentPolicyError, WeightsError
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+BLUR_FRACTION = 0.05
+"""Gaussian blur radius of a `blur` decision, as a fraction of the image side: 26 px at 512, enough to hide detail."""
+
+
+class ImageCheck:
+    """Flags an image when one of `labels` scores at least `threshold` under the classifier at `model_path`."""
+
+    def __init__(self, name: str, model_path: Path, labels: list[str], threshold: float, device: str):
+        from transformers import pipeline
+
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise WeightsError(f"{name} check model {str(path)!r} is not a local transformers model (no config.json)")
+        self.name, self.threshold = name, threshold
+        self.classifier = pipeline("image-classification", model=str(path), device=device)
+        known = set(self.classifier.model.config.id2label.values())
+        unknown = sorted(set(labels) - known)
+        if unknown:
+            raise WeightsError(f"{name} check labels {unknown} are not labels of {str(path)!r}: {sorted(known)}")
+        self.labels = set(labels)
+
+    def flag(self, image: Image.Image) -> tuple[str, float] | None:
+        """The highest-scoring flagged label and its score, or None when the image passes."""
+        scores = self.classifier(image, top_k=None)
+        hits = [(s["label"], s["score"]) for s in scores if s["label"] in self.labels and s["score"] >= self.threshold]
+        return max(hits, key=lambda hit: hit[1]) if hits else None
+
+
+class SafetyChecks:
+    """The configured input and output checks with their policies; a check that is not configured passes all."""
+
+    def __init__(self, settings: Settings):
+        device = settings.resolved_device()
+        self.input = self.output = None
+        if settings.input_check_model is not None:
+            self.input = ImageCheck("input", settings.input_check_model, settings.input_check_labels,
+                                    settings.input_check_threshold, device)
+        if settings.output_check_model is not None:
+            self.output = ImageCheck("output", settings.output_check_model, settings.output_check_labels,
+                                     settings.output_check_threshold, device)
+        self.input_policy = settings.input_check_policy
+        self.output_action = settings.output_check_action
+        off = "OFF (not configured)"
+        logger.log(
+            logging.INFO if self.input and self.output else logging.WARNING,
+            "safety checks: input %s, output %s",
+            f"on ({self.input_policy}, labels {sorted(self.input.labels)})" if self.input else off,
+            f"on ({self.output_action}, labels {sorted(self.output.labels)})" if self.output else off,
+        )
+
+    def check_input(self, reference: Image.Image, consent: bool, request_id: str) -> None:
+        """Raises `ContentPolicyError` when the reference is flagged and the policy refuses it."""
+        if self.input is None:
+            return
+        flag = self.input.flag(reference)
+        if flag is None:
+            decision = "pass"
+        elif self.input_policy == "require_consent" and consent:
+            decision = "consented"
+        else:
+            decision = "block"
+        metrics.SAFETY_DECISIONS.labels(check="input", decision=decision).inc()
+        _log_decision(request_id, "input", decision, flag)
+        if decision != "block":
+            return
+        label, score = flag
+        if self.input_policy == "refuse":
+            raise ContentPolicyError("input", f"the reference was classified {label!r} ({score:.2f}); this service "
+                                     "does not accept such references", field="image")
+        raise ContentPolicyError("input", f"the reference was classified {label!r} ({score:.2f}); send `consent: "
+                                 "true` to confirm that the person shown agreed to this use", field="consent")
+
+    def check_output(self, image: Image.Image, request_id: str) -> Image.Image:
+        """The image to return (blurred under `blur`); raises `ContentPolicyError` under `block`."""
+        if self.output is None:
+            return image
+        flag = self.output.flag(image)
+        decision = "pass" if flag is None else self.output_action
+        metrics.SAFETY_DECISIONS.labels(check="output", decision=decision).inc()
+        _log_decision(request_id, "output", decision, flag)
+        if decision == "pass":
+            return image
+        if decision == "blur":
+            return image.filter(ImageFilter.GaussianBlur(radius=max(1.0, BLUR_FRACTION * max(image.size))))
+        label, score = flag
+        raise ContentPolicyError("output", f"a generated image was classified {label!r} ({score:.2f}) and withheld")
+
+
+def _log_decision(request_id: str, check: str, decision: str, flag: tuple[str, float] | None) -> None:
+    """Passes at INFO, every flag at WARNING; the label and score, never the image."""
+    if flag is None:
+        logger.info("request %s: %s check %s", request_id, check, decision)
+    else:
+        logger.warning("request %s: %s check %s (label %r, score %.3f)", request_id, check, decision, *flag)

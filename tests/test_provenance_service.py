@@ -1,0 +1,171 @@
+"""Provenance and safety on the real BentoML server (loopback, tiny profile), through REST and gRPC.
+
+`guarded` signs with a development chain, requires consent for references its input check flags (threshold 0: every
+reference) and runs an output check that passes everything (threshold 1). `strict` is unsigned and blocks every
+output (threshold 0)."""
+
+import base64
+import io
+
+import grpc
+import httpx
+import pytest
+from PIL import Image
+
+from dsd_model.provenance import TRAINED_ALGORITHMIC_MEDIA, Watermark, read_credentials, request_tag
+from dsd_model.tiny import write_tiny_classifier
+from dsd_serve.grpc_stubs import dsd_pb2 as pb
+from dsd_serve.grpc_stubs import dsd_pb2_grpc
+from dsd_model.provenance import write_development_chain
+from helpers import png_bytes, random_image
+from servers import start_service, wait_ready
+
+REFERENCE = png_bytes(random_image(96, 80, seed=1))
+MARK = Watermark("dsd-serve")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    chain, key, root = write_development_chain(tmp_path_factory.mktemp("c2pa"))
+    classifier = write_tiny_classifier(tmp_path_factory.mktemp("classifier"), labels=("safe", "nsfw"))
+    checks = dict(output_check_model=str(classifier), input_check_model=str(classifier),
+                  input_check_labels='["nsfw"]')
+    guarded = start_service(tmp_path_factory.mktemp("guarded"), c2pa_cert_chain=str(chain), c2pa_private_key=str(key),
+                            c2pa_trust_anchors=str(root), input_check_threshold="0", output_check_threshold="1",
+                            **checks)
+    strict = start_service(tmp_path_factory.mktemp("strict"), output_check_model=str(classifier),
+                           output_check_threshold="0")
+    try:
+        wait_ready(guarded)
+        wait_ready(strict)
+        yield guarded, strict, root
+    finally:
+        codes = guarded.stop(), strict.stop()
+    assert codes == (0, 0), (guarded.log_tail(), strict.log_tail())
+
+
+def generate(server, request_id: str = "prov-rest", **overrides) -> httpx.Response:
+    values = dict(image=base64.b64encode(REFERENCE).decode(), prompt="the same toy on a beach", steps=2, size=256,
+                  seed=3, consent=True)
+    values.update(overrides)
+    return httpx.post(f"{server.url}/generate", json=values, headers={"x-request-id": request_id}, timeout=120)
+
+
+def grpc_stub(server) -> tuple[grpc.Channel, dsd_pb2_grpc.DSDServiceStub]:
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.env['DSD_GRPC_PORT']}",
+                                    options=[("grpc.max_receive_message_length", 64 * 2**20)])
+    return channel, dsd_pb2_grpc.DSDServiceStub(channel)
+
+
+def grpc_request(**overrides) -> pb.GenerateRequest:
+    values = dict(image=REFERENCE, prompt="the same toy on a beach", steps=2, size=256, seed=3, consent=True)
+    values.update(overrides)
+    return pb.GenerateRequest(**values)
+
+
+def jpeg_again(data: bytes, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buffer, format="JPEG", quality=quality, subsampling=0)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def test_rest_output_is_marked_signed_and_verifiable(servers):
+    guarded, _, root = servers
+    response = generate(guarded, output_format="png")
+    assert response.status_code == 200, response.text
+    request_id = response.json()["request_id"]
+    assert request_id == "prov-rest"
+    data = base64.b64decode(response.json()["images"][0])
+    mark = MARK.read(Image.open(io.BytesIO(data)))
+    assert mark["present"] and mark["request_tag"] == request_tag(request_id)
+    assert MARK.read(jpeg_again(data, 90))["request_tag"] == request_tag(request_id)
+    credentials = read_credentials(data, root)
+    assert credentials["validation_state"] == "Trusted"
+    assert credentials["digital_source_type"] == TRAINED_ALGORITHMIC_MEDIA
+    generation = credentials["generation"]
+    assert generation["request_id"] == request_id and generation["adapter"] == "identity"
+    assert generation["profile"] == "tiny" and "prompt" not in generation
+
+    verified = httpx.post(f"{guarded.url}/verify", content=data, headers={"content-type": "image/png"}, timeout=30)
+    assert verified.status_code == 200, verified.text
+    report = verified.json()
+    assert report["watermark"]["present"] and report["watermark"]["request_tag"] == request_tag(request_id)
+    assert report["c2pa"]["validation_state"] == "Trusted"
+    assert report["c2pa"]["generation"]["request_id"] == request_id
+    assert guarded.metric("dsd_c2pa_signing_enabled") == 1
+    assert guarded.metric("dsd_watermarks_total", result="embedded") >= 1
+    assert guarded.metric("dsd_safety_decisions_total", check="output", decision="pass") >= 1
+
+
+def test_verify_refuses_what_is_not_an_image(servers):
+    guarded, _, _ = servers
+    garbage = httpx.post(f"{guarded.url}/verify", content=b"not an image", headers={"content-type": "image/png"},
+                         timeout=30)
+    assert garbage.status_code == 422 and garbage.json()["error"]["field"] == "image"
+    wrong = httpx.post(f"{guarded.url}/verify", json={"image": "x"}, timeout=30)
+    assert wrong.status_code == 415 and "image/png" in wrong.json()["error"]["message"]
+    plain = httpx.post(f"{guarded.url}/verify", content=REFERENCE, headers={"content-type": "image/png"}, timeout=30)
+    assert plain.status_code == 200
+    assert plain.json()["watermark"]["present"] is None and plain.json()["c2pa"]["present"] is False
+
+
+def test_grpc_output_is_marked_and_signed(servers):
+    guarded, _, root = servers
+    channel, stub = grpc_stub(guarded)
+    with channel:
+        response = stub.Generate(grpc_request(output_format=pb.OUTPUT_FORMAT_JPEG), timeout=120,
+                                 metadata=(("x-request-id", "prov-grpc"),))
+    data = response.images[0]
+    assert Image.open(io.BytesIO(data)).format == "JPEG"
+    mark = MARK.read(Image.open(io.BytesIO(data)))
+    assert mark["present"] and mark["request_tag"] == request_tag(response.request_id)
+    credentials = read_credentials(data, root)
+    assert credentials["validation_state"] == "Trusted"
+    assert credentials["generation"]["request_id"] == response.request_id
+
+
+def test_small_outputs_are_counted_unmarked(servers):
+    guarded, _, _ = servers
+    before = guarded.metric("dsd_watermarks_total", result="too_small")
+    response = generate(guarded, size=64, output_format="webp")
+    assert response.status_code == 200, response.text
+    assert guarded.metric("dsd_watermarks_total", result="too_small") == before + 1
+    data = base64.b64decode(response.json()["images"][0])
+    assert read_credentials(data)["validation_state"] == "Valid"
+
+
+def test_reference_without_consent_is_refused(servers):
+    guarded, _, _ = servers
+    response = generate(guarded, consent=False)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "content_policy" and error["field"] == "consent" and "input" in error["message"]
+    channel, stub = grpc_stub(guarded)
+    with channel, pytest.raises(grpc.RpcError) as raised:
+        stub.Generate(grpc_request(consent=False), timeout=120)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    trailing = dict(raised.value.trailing_metadata())
+    assert trailing["check"] == "input" and trailing["field"] == "consent"
+    assert guarded.metric("dsd_safety_decisions_total", check="input", decision="block") >= 2
+    assert guarded.metric("dsd_safety_decisions_total", check="input", decision="consented") >= 1
+    assert guarded.metric("dsd_request_duration_seconds_count", outcome="content_policy") >= 2
+
+
+def test_blocked_output_leaks_no_image_and_unsigned_mode_is_reported(servers):
+    _, strict, _ = servers
+    response = generate(strict, size=64, consent=False)
+    assert response.status_code == 422
+    assert set(response.json()) == {"error"} and len(response.content) < 1024
+    error = response.json()["error"]
+    assert error["code"] == "content_policy" and "output" in error["message"] and error["field"] is None
+    channel, stub = grpc_stub(strict)
+    with channel, pytest.raises(grpc.RpcError) as raised:
+        stub.Generate(grpc_request(size=64), timeout=120)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert dict(raised.value.trailing_metadata())["check"] == "output"
+    assert strict.metric("dsd_safety_decisions_total", check="output", decision="block") >= 2
+    assert strict.metric("dsd_c2pa_signing_enabled") == 0
+    assert "C2PA signing is OFF" in strict.log.read_text()
+    log = strict.log.read_text()
+    assert "safety checks: input OFF (not configured)" in log
+    assert "request prov-rest: output check block (label 'nsfw'" in log
