@@ -95,6 +95,8 @@ def score_images(settings: EvalSettings, benchmark: Benchmark) -> StageReport:
     local = (*encoders.metrics, embeddings.COPY_PASTE)
     endpoint = settings.judge_endpoint()
     remote = judge.METRICS if endpoint else ()
+    for metric in remote:
+        judge.instructions(metric, settings.judge_prompts)
     todo_local = [g for g in generations if any(f"{m}:{g['id']}" not in done for m in local)]
     todo_judge = [(m, g) for g in generations for m in remote if f"{m}:{g['id']}" not in done]
     total = len(generations) * (len(local) + len(remote))
@@ -151,8 +153,6 @@ REASONS = {
 
 def _judge_scores(settings, benchmark, cases, endpoint, todo, manifest, bar) -> int:
     version = settings.judge_prompts
-    for metric in judge.METRICS:
-        judge.instructions(metric, version)
 
     def ask(item):
         metric, generation = item
