@@ -95,6 +95,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser, names: tuple[str, ...])
     add_settings_flags(parser, DataSettings, names, "settings (flags override DSD_DATA_* environment variables)")
 
 
+def _settings(args: argparse.Namespace) -> DataSettings:
+    return settings_from_args(DataSettings, args)
+
+
 def _command(handler):
     """A handler that keeps httpx's per-request log lines out of the progress bars and turns a server that cannot
     serve into a one-line error."""
@@ -111,27 +115,27 @@ def _command(handler):
 
 @_command
 def _prompts(args: argparse.Namespace) -> None:
-    print(make_prompts(settings_from_args(DataSettings, args), args.captions, args.caption_field, args.limit))
+    print(make_prompts(_settings(args), args.captions, args.caption_field, args.limit))
 
 
 @_command
 def _grids(args: argparse.Namespace) -> None:
-    print(render_grids(settings_from_args(DataSettings, args)))
+    print(render_grids(_settings(args)))
 
 
 @_command
 def _curate(args: argparse.Namespace) -> None:
-    print(curate_grids(settings_from_args(DataSettings, args)))
+    print(curate_grids(_settings(args)))
 
 
 @_command
 def _pairs(args: argparse.Namespace) -> None:
-    print(json.dumps(build_pairs(settings_from_args(DataSettings, args)), indent=2))
+    print(json.dumps(build_pairs(_settings(args)), indent=2))
 
 
 @_command
 def _run(args: argparse.Namespace) -> None:
-    settings = settings_from_args(DataSettings, args)
+    settings = _settings(args)
     print(make_prompts(settings, args.captions, args.caption_field, args.limit))
     print(render_grids(settings))
     print(curate_grids(settings))
