@@ -12,11 +12,13 @@ import logging
 from pathlib import Path
 
 from ..data.chat import ChatError
+from ..data.settings import ChatSettings
 from ..settings_flags import add_settings_flags, settings_from_args
 from .contenders import ContenderError, parse_contender
 from .settings import EvalSettings
 
-_RUN = tuple(name for name in EvalSettings.model_fields if not name.endswith("api_key"))
+_CHAT = tuple(ChatSettings.model_fields)
+_RUN = tuple(name for name in EvalSettings.model_fields if name not in _CHAT and not name.endswith("api_key")) + _CHAT
 
 
 def add_eval_commands(subparsers) -> None:

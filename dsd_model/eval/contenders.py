@@ -102,14 +102,13 @@ class RestContender:
     def _one(self, image: str, prompt: str, seed: int) -> Image.Image:
         body = {"image": image, "prompt": prompt, "steps": self.params.steps, "guidance": self.params.guidance,
                 "size": self.params.size, "seed": seed}
-        for attempt in range(REMOTE_ATTEMPTS):
+        for attempt in range(1, REMOTE_ATTEMPTS + 1):
             response = self._http.post("/generate", json=body)
             if response.status_code == 200:
                 return _decode(base64.b64decode(response.json()["images"][0]))
-            if response.status_code not in (429, 503) or attempt == REMOTE_ATTEMPTS - 1:
+            if response.status_code not in (429, 503) or attempt == REMOTE_ATTEMPTS:
                 raise ContenderError(f"{self.name} ({self.spec}): HTTP {response.status_code}: {response.text[:300]}")
             time.sleep(min(float(response.headers.get("retry-after", 1)), MAX_RETRY_WAIT_S))
-        raise AssertionError("unreachable")
 
 
 class GrpcContender:
@@ -133,16 +132,15 @@ class GrpcContender:
         request = self._pb.GenerateRequest(image=image, prompt=prompt, steps=self.params.steps,
                                            guidance=self.params.guidance, size=self.params.size, seed=seed)
         retryable = (self._grpc.StatusCode.RESOURCE_EXHAUSTED, self._grpc.StatusCode.UNAVAILABLE)
-        for attempt in range(REMOTE_ATTEMPTS):
+        for attempt in range(1, REMOTE_ATTEMPTS + 1):
             try:
                 response = self._stub.Generate(request, metadata=self._metadata, timeout=self.params.timeout_s)
                 return _decode(response.images[0])
             except self._grpc.RpcError as exc:
-                if exc.code() not in retryable or attempt == REMOTE_ATTEMPTS - 1:
+                if exc.code() not in retryable or attempt == REMOTE_ATTEMPTS:
                     raise ContenderError(f"{self.name} ({self.spec}): {exc.code().name}: {exc.details()}") from exc
                 trailing = dict(exc.trailing_metadata() or ())
                 time.sleep(min(float(trailing.get("retry-after-s", 1)), MAX_RETRY_WAIT_S))
-        raise AssertionError("unreachable")
 
 
 class ContenderError(RuntimeError):

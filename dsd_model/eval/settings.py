@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from .. import limits
-from ..data.settings import Endpoint
+from ..data.settings import ChatSettings, Endpoint
 from ..errors import InputError
 
 
-class EvalSettings(BaseSettings):
-    """Where a run lives, how contenders generate, and which scores are computed how."""
+class EvalSettings(ChatSettings):
+    """Where a run lives, how contenders generate, and which scores are computed how (the judge's timeouts,
+    retries, concurrency and reply cache are the `ChatSettings` fields)."""
 
     model_config = SettingsConfigDict(env_prefix="DSD_EVAL_", extra="ignore")
 
@@ -51,18 +52,6 @@ class EvalSettings(BaseSettings):
         "v1", description="Version of the judge instructions (prompts/cp_<v>.txt and pf_<v>.txt); recorded per "
         "score so scores of different versions are never mixed unknowingly."
     )
-    request_timeout_s: float = Field(120.0, gt=0, description="Per judge request; reasoning over two images takes "
-                                     "tens of seconds on hosted APIs.")
-    max_retries: int = Field(5, ge=0, description="Retries after a timeout, a connection error, HTTP 408, 429 or 5xx.")
-    backoff_s: float = Field(1.0, ge=0, description="First retry delay, doubled each time (with jitter).")
-    max_backoff_s: float = Field(60.0, ge=0, description="Cap on any retry delay, Retry-After included.")
-    max_reply_attempts: int = Field(
-        3, ge=1, description="Tries for a usable score (the judge is told what was wrong) before recording a failure."
-    )
-    concurrency: int = Field(8, ge=1, description="Judge requests in flight at once.")
-    cache: bool = Field(True, description="Keep every judge reply on disk so a rerun never asks twice.")
-    cache_dir: Path | None = Field(None, description="Judge reply cache; defaults to <run_dir>/cache.")
-
     dino_path: Path | None = Field(
         None, description="Local DINOv2 directory (transformers layout, e.g. facebook/dinov2-base) for the DINO "
         "score and the copy-paste check; unset: no DINO score."

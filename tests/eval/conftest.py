@@ -1,7 +1,9 @@
 import os
 
 import pytest
-from eval_helpers import write_jsonl_benchmark, write_tiny_encoders
+from eval_helpers import write_jsonl_benchmark
+
+from dsd_model.eval.random_encoders import write_random_encoders
 
 
 @pytest.fixture(autouse=True)
@@ -13,7 +15,7 @@ def _no_eval_env(monkeypatch):
 
 @pytest.fixture(scope="session")
 def encoders_dir(tmp_path_factory):
-    return write_tiny_encoders(tmp_path_factory.mktemp("encoders"))
+    return write_random_encoders(tmp_path_factory.mktemp("encoders"))
 
 
 @pytest.fixture

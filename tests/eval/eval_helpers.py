@@ -1,17 +1,12 @@
-"""Tiny random DINOv2 and CLIP encoders saved like real ones, and tiny benchmarks in each layout."""
+"""A tiny benchmark: two subjects, two prompts each."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
 from helpers import random_image
-from transformers import BitImageProcessorPil, CLIPConfig, CLIPImageProcessorPil, CLIPModel, Dinov2Config, Dinov2Model
 
-from dsd_model.tiny import build_tiny_tokenizers
-
-ENCODER_SIDE = 32
 SUBJECTS = {"fox": "live", "teapot": "object"}
 PROMPTS = ["a {} on the beach", "a {} in the snow"]
 
