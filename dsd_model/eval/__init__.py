@@ -7,4 +7,5 @@
     embeddings.py   DINO, CLIP-I, CLIP-T and the copy-paste check, from local encoder weights
     report.py       `dsd eval report`: tables, paired comparisons, contact sheets, CP/PF plot
     training.py     the eval split run during `dsd train`
+    random_encoders.py   random-weight DINOv2 and CLIP encoders (tests, benchmarks)
 """

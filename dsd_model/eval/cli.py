@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..data.chat import ChatError
 from ..data.settings import ChatSettings
+from ..errors import InputError
 from ..settings_flags import add_settings_flags, settings_from_args
 from .contenders import ContenderError, parse_contender
 from .settings import EvalSettings
@@ -43,7 +44,11 @@ def _run(args: argparse.Namespace) -> None:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = settings_from_args(EvalSettings, args)
-    contenders = dict(parse_contender(text) for text in args.contender)
+    contenders = {}
+    for name, spec in map(parse_contender, args.contender):
+        if name in contenders:
+            raise InputError("contender", f"{name!r} is named twice; give each contender its own name")
+        contenders[name] = spec
     try:
         print(run_eval(settings, args.benchmark, contenders))
     except (ChatError, ContenderError) as exc:
@@ -52,7 +57,6 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from ..errors import InputError
     from .report import build_report
 
     if not 0.5 <= args.confidence < 1:

@@ -15,8 +15,10 @@ are not comparable.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +59,9 @@ def run_eval(settings: EvalSettings, benchmark_path: str | Path, contenders: dic
     """Generate and score; `load_local()` builds the local contenders' pipeline (default: from `Settings()`)."""
     if not contenders:
         raise InputError("contender", "name at least one contender, e.g. --contender dsd=local")
+    if settings.judge_endpoint() is not None:
+        for metric in judge.METRICS:
+            judge.instructions(metric, settings.judge_prompts)
     benchmark = read_benchmark(benchmark_path, settings.benchmark_format)
     params = GenerationParams(settings.steps, settings.guidance, settings.size, settings.service_timeout_s,
                               settings.service_api_key.get_secret_value() if settings.service_api_key else None)
@@ -91,14 +96,16 @@ def score_images(settings: EvalSettings, benchmark: Benchmark) -> StageReport:
     generations = list(Manifest(settings.run_dir / GENERATIONS_FILE).records().values())
     manifest = Manifest(settings.run_dir / SCORES_FILE)
     done = set(manifest.records())
-    encoders = embeddings.Encoders(settings.dino_path, settings.clip_path, resolve_device(settings.device))
-    local = (*encoders.metrics, embeddings.COPY_PASTE)
+    local = (("dino",) if settings.dino_path else ()) + (("clip_i", "clip_t") if settings.clip_path else ())
+    local += (embeddings.COPY_PASTE,)
     endpoint = settings.judge_endpoint()
     remote = judge.METRICS if endpoint else ()
     for metric in remote:
         judge.instructions(metric, settings.judge_prompts)
     todo_local = [g for g in generations if any(f"{m}:{g['id']}" not in done for m in local)]
     todo_judge = [(m, g) for g in generations for m in remote if f"{m}:{g['id']}" not in done]
+    encoders = (embeddings.Encoders(settings.dino_path, settings.clip_path, resolve_device(settings.device))
+                if todo_local else None)
     total = len(generations) * (len(local) + len(remote))
     scored = len(todo_local) * len(local) + len(todo_judge)
     cases = {case.id: case for case in benchmark.cases}
@@ -111,7 +118,7 @@ def score_images(settings: EvalSettings, benchmark: Benchmark) -> StageReport:
                 manifest.append(record)
             bar.update(len(chunk) * len(local))
         if todo_judge:
-            failed = _judge_scores(settings, benchmark, cases, endpoint, todo_judge, manifest, bar)
+            failed = _judge_scores(settings, benchmark, cases, endpoint, references, todo_judge, manifest, bar)
     return StageReport("score", scored, total - scored, failed)
 
 
@@ -119,12 +126,24 @@ class _References:
     """Each subject's reference as the model sees it (centre square at the run's size), decoded once."""
 
     def __init__(self, size: int):
-        self.size, self._images = size, {}
+        self.size, self._images, self._pngs = size, {}, {}
+        self._lock = threading.Lock()
 
     def __call__(self, path: Path) -> Image.Image:
-        if path not in self._images:
-            self._images[path] = center_crop_resize(decode_image(path, "benchmark"), self.size)
-        return self._images[path]
+        with self._lock:
+            if path not in self._images:
+                self._images[path] = center_crop_resize(decode_image(path, "benchmark"), self.size)
+            return self._images[path]
+
+    def png(self, path: Path) -> bytes:
+        """The reference as PNG, as the judge sees it: the model's view, not a full-size original."""
+        image = self(path)
+        with self._lock:
+            if path not in self._pngs:
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                self._pngs[path] = buffer.getvalue()
+            return self._pngs[path]
 
 
 def _embedding_scores(settings, benchmark, cases, encoders, references, chunk) -> list[dict]:
@@ -151,7 +170,7 @@ REASONS = {
 }
 
 
-def _judge_scores(settings, benchmark, cases, endpoint, todo, manifest, bar) -> int:
+def _judge_scores(settings, benchmark, cases, endpoint, references, todo, manifest, bar) -> int:
     version = settings.judge_prompts
 
     def ask(item):
@@ -160,7 +179,7 @@ def _judge_scores(settings, benchmark, cases, endpoint, todo, manifest, bar) -> 
         case = cases[f"{generation['subject']}/{generation['index']}"]
         if metric == "cp":
             subject = benchmark.subjects[case.subject]
-            messages = judge.cp_messages(subject.image.read_bytes(), image, subject.category, version)
+            messages = judge.cp_messages(references.png(subject.image), image, subject.category, version)
         else:
             messages = judge.pf_messages(image, case.prompt, version)
         return client.ask_json(messages, judge.parse_score, settings.max_reply_attempts)

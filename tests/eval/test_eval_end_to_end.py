@@ -48,8 +48,9 @@ def service(tmp_path_factory):
         server.stop()
 
 
-def test_run_and_report(tmp_path, benchmark, encoders_dir, service, tiny_local, monkeypatch, capsys):
-    monkeypatch.setattr(eval_run, "_load_local", lambda: tiny_local)
+def test_run_and_report(tmp_path, benchmark, encoders_dir, service, monkeypatch, capsys):
+    for name, value in {"PROFILE": "tiny", "DEVICE": "cpu", "MAX_SEQUENCE_LENGTH": "32"}.items():
+        monkeypatch.setenv(f"DSD_{name}", value)
     run_dir = tmp_path / "run"
     dino, clip = encoders_dir
     common = [str(benchmark), "--run-dir", str(run_dir), "--steps", "2", "--size", "64", "--images-per-prompt",
