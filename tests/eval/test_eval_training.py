@@ -48,3 +48,17 @@ def test_settings_errors_name_the_field(make_config):
         make_config("x", eval_every=5, eval_benchmark=None)
     with pytest.raises(InputError, match="eval_every: the eval split needs an encoder"):
         train(make_config("x", eval_every=1), build_training_pipe())
+
+
+def test_a_resumed_run_keeps_the_rows_up_to_its_checkpoint(make_config, encoders_dir, monkeypatch):
+    monkeypatch.setenv("DSD_EVAL_DINO_PATH", str(encoders_dir[0]))
+    first = train(make_config("run", eval_every=1, checkpoint_every=1), build_training_pipe())
+    with (first.output_dir / "eval.csv").open() as handle:
+        before = list(csv.DictReader(handle))
+    checkpoint = next(p for p in (first.output_dir / "checkpoints").iterdir() if p.name.endswith("-0000001"))
+    train(make_config("run", eval_every=1, checkpoint_every=1, resume_from=checkpoint), build_training_pipe())
+    with (first.output_dir / "eval.csv").open() as handle:
+        after = list(csv.DictReader(handle))
+    assert [(r["step"], r["metric"]) for r in after] == [("1", "dino"), ("2", "dino")]
+    assert after[0] == before[0]
+    assert float(after[1]["mean"]) == pytest.approx(float(before[1]["mean"]), abs=1e-5)
