@@ -19,6 +19,7 @@ The path may be the benchmark's root or, for DreamBench, the repository holding 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -104,6 +105,7 @@ def _detect(path: Path) -> str:
 def _read_jsonl(path: Path) -> Benchmark:
     subjects: dict[str, Subject] = {}
     cases: list[Case] = []
+    counts: Counter[str] = Counter()
     for line, record in read_jsonl(path):
         where = f"{path}:{line}"
         for key in ("subject", "image", "prompt"):
@@ -114,7 +116,8 @@ def _read_jsonl(path: Path) -> Benchmark:
         if known != subject:
             raise InputError("benchmark", f"{where}: subject {subject.name!r} was given another image or category "
                              f"before ({known.image}, {known.category})")
-        cases.append(Case(subject.name, sum(c.subject == subject.name for c in cases), record["prompt"].strip()))
+        cases.append(Case(subject.name, counts[subject.name], record["prompt"].strip()))
+        counts[subject.name] += 1
     return Benchmark(_checked_images(subjects), cases)
 
 

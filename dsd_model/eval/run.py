@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 GENERATIONS_FILE = "generations.jsonl"
 SCORES_FILE = "scores.jsonl"
+REASONS = {
+    "dino": "cosine of the DINO CLS embeddings of the reference and the image",
+    "clip_i": "cosine of the CLIP image embeddings of the reference and the image",
+    "clip_t": "cosine of the CLIP embeddings of the image and the prompt",
+}
 
 
 @dataclass(frozen=True)
@@ -59,9 +64,7 @@ def run_eval(settings: EvalSettings, benchmark_path: str | Path, contenders: dic
     """Generate and score; `load_local()` builds the local contenders' pipeline (default: from `Settings()`)."""
     if not contenders:
         raise InputError("contender", "name at least one contender, e.g. --contender dsd=local")
-    if settings.judge_endpoint() is not None:
-        for metric in judge.METRICS:
-            judge.instructions(metric, settings.judge_prompts)
+    _checked_judge(settings)
     benchmark = read_benchmark(benchmark_path, settings.benchmark_format)
     params = GenerationParams(settings.steps, settings.guidance, settings.size, settings.service_timeout_s,
                               settings.service_api_key.get_secret_value() if settings.service_api_key else None)
@@ -98,10 +101,8 @@ def score_images(settings: EvalSettings, benchmark: Benchmark) -> StageReport:
     done = set(manifest.records())
     local = (("dino",) if settings.dino_path else ()) + (("clip_i", "clip_t") if settings.clip_path else ())
     local += (embeddings.COPY_PASTE,)
-    endpoint = settings.judge_endpoint()
+    endpoint = _checked_judge(settings)
     remote = judge.METRICS if endpoint else ()
-    for metric in remote:
-        judge.instructions(metric, settings.judge_prompts)
     todo_local = [g for g in generations if any(f"{m}:{g['id']}" not in done for m in local)]
     todo_judge = [(m, g) for g in generations for m in remote if f"{m}:{g['id']}" not in done]
     encoders = (embeddings.Encoders(settings.dino_path, settings.clip_path, resolve_device(settings.device))
@@ -115,11 +116,21 @@ def score_images(settings: EvalSettings, benchmark: Benchmark) -> StageReport:
         for start in range(0, len(todo_local), settings.embed_batch_size):
             chunk = todo_local[start: start + settings.embed_batch_size]
             for record in _embedding_scores(settings, benchmark, cases, encoders, references, chunk):
-                manifest.append(record)
+                if record["id"] not in done:
+                    manifest.append(record)
             bar.update(len(chunk) * len(local))
         if todo_judge:
             failed = _judge_scores(settings, benchmark, cases, endpoint, references, todo_judge, manifest, bar)
     return StageReport("score", scored, total - scored, failed)
+
+
+def _checked_judge(settings: EvalSettings):
+    """The judge's endpoint (None without a judge), once its instructions are known to exist."""
+    endpoint = settings.judge_endpoint()
+    if endpoint is not None:
+        for metric in judge.METRICS:
+            judge.instructions(metric, settings.judge_prompts)
+    return endpoint
 
 
 class _References:
@@ -161,13 +172,6 @@ def _embedding_scores(settings, benchmark, cases, encoders, references, chunk) -
         )
         records.append(_record(embeddings.COPY_PASTE, generation, float(flagged), reason))
     return records
-
-
-REASONS = {
-    "dino": "cosine of the DINO CLS embeddings of the reference and the image",
-    "clip_i": "cosine of the CLIP image embeddings of the reference and the image",
-    "clip_t": "cosine of the CLIP embeddings of the image and the prompt",
-}
 
 
 def _judge_scores(settings, benchmark, cases, endpoint, references, todo, manifest, bar) -> int:
