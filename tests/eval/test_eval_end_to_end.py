@@ -15,6 +15,7 @@ from dsd_model.data.manifest import Manifest
 from dsd_model.eval import run as eval_run
 from dsd_model.eval.benchmark import read_benchmark
 from dsd_model.eval.contenders import GenerationParams, LocalContender
+from dsd_model.eval.report import build_report
 from dsd_model.eval.settings import EvalSettings
 
 CASES, SEEDS = 4, 2
@@ -150,3 +151,17 @@ def test_resume_after_interruption_does_no_work_twice(tmp_path, benchmark, encod
     assert (again.done, again.skipped) == (0, 2 * CASES * SEEDS)
     third = Interrupting(tiny_local)
     assert eval_run.generate_images(settings, loaded, [third]).done == 0 and third.calls == 0
+
+
+def test_two_runs_are_compared_pairwise(tmp_path, benchmark, encoders_dir, tiny_local):
+    for run, spec in (("old", "local:structure"), ("new", "local:identity")):
+        settings = EvalSettings(run_dir=tmp_path / run, size=64, steps=2, dino_path=encoders_dir[0])
+        eval_run.run_eval(settings, benchmark, {"dsd": spec}, load_local=lambda: tiny_local)
+    report = build_report([tmp_path / "old", tmp_path / "new"], tmp_path / "report")
+    assert report["contenders"] == ["old:dsd", "new:dsd"]
+    (comparison,) = report["comparisons"]
+    assert (comparison["baseline"], comparison["contender"], comparison["metric"], comparison["n"]) == (
+        "old:dsd", "new:dsd", "dino", CASES)
+    dino = {c: report["all"][c]["dino"]["mean"] for c in report["contenders"]}
+    assert comparison["difference"] == pytest.approx(dino["new:dsd"] - dino["old:dsd"], abs=1e-9)
+    assert comparison["verdict"].startswith("dino: ")
