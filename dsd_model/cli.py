@@ -1,4 +1,4 @@
-"""The `dsd` command: generate, convert, verify, and the data and training stages."""
+"""The `dsd` command: generate, convert, verify, the data and training stages, and evaluation."""
 
 from __future__ import annotations
 
@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.cli import add_train_command
 
     add_train_command(sub)
+
+    from .eval.cli import add_eval_commands
+
+    evaluation = sub.add_parser("eval", help="evaluate adapters and services on a benchmark: generate, score, report")
+    add_eval_commands(evaluation.add_subparsers(dest="eval_command", required=True))
     return parser
 
 

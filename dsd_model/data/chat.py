@@ -24,7 +24,7 @@ from typing import TypeVar
 import httpx
 
 from .manifest import write_atomic
-from .settings import DataSettings, Endpoint
+from .settings import ChatSettings, Endpoint
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -45,7 +45,7 @@ class MalformedReply(ValueError):
 
 
 class ChatClient:
-    def __init__(self, endpoint: Endpoint, settings: DataSettings):
+    def __init__(self, endpoint: Endpoint, settings: ChatSettings):
         self.endpoint = endpoint
         self.timeout_s = settings.request_timeout_s
         self.max_retries = settings.max_retries

@@ -9,12 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import typing
-from typing import Literal
 
-from pydantic import ValidationError
-
-from ..errors import InputError
+from ..settings_flags import add_settings_flags, settings_from_args
 from .assemble import build_pairs
 from .chat import ChatError
 from .curate import curate_grids
@@ -129,30 +125,11 @@ def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
-    group = parser.add_argument_group("settings (flags override DSD_DATA_* environment variables)")
-    for name in dict.fromkeys(names):
-        field = DataSettings.model_fields[name]
-        flag, help = "--" + name.replace("_", "-"), f"{field.description} (default: {field.default})"
-        kind = next((a for a in typing.get_args(field.annotation) if a is not type(None)), field.annotation)
-        if field.annotation is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
-        elif typing.get_origin(field.annotation) is Literal:
-            group.add_argument(flag, choices=typing.get_args(field.annotation), default=None, help=help)
-        else:
-            group.add_argument(flag, type=kind, default=None, help=help)
+    add_settings_flags(parser, DataSettings, names, "settings (flags override DSD_DATA_* environment variables)")
 
 
 def _settings(args: argparse.Namespace) -> DataSettings:
-    given = {name: getattr(args, name) for name in DataSettings.model_fields if getattr(args, name, None) is not None}
-    try:
-        return DataSettings(**given)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        cause = error.get("ctx", {}).get("error")
-        if isinstance(cause, InputError):
-            raise cause from exc
-        field = ".".join(map(str, error["loc"])) or "settings"
-        raise InputError(field, f"{error['msg'].removeprefix('Value error, ')} (got {error['input']!r})") from exc
+    return settings_from_args(DataSettings, args)
 
 
 def _command(handler):

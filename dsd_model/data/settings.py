@@ -33,7 +33,25 @@ class Endpoint:
     max_tokens: int
 
 
-class DataSettings(BaseSettings):
+class ChatSettings(BaseSettings):
+    """How `ChatClient` talks to a chat server: timeouts, retries, concurrency and the reply cache. Subclasses set
+    the environment prefix and give `resolved_cache_dir` (None when `cache` is off)."""
+
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Per request; a VLM reasoning over 1024 px images on a local server can take a minute."
+    )
+    max_retries: int = Field(5, ge=0, description="Retries after a timeout, a connection error, HTTP 408, 429 or 5xx.")
+    backoff_s: float = Field(1.0, ge=0, description="First retry delay, doubled each time (with jitter).")
+    max_backoff_s: float = Field(60.0, ge=0, description="Cap on any retry delay, Retry-After included.")
+    max_reply_attempts: int = Field(
+        3, ge=1, description="Tries for a usable reply (the model is told what was wrong) before recording a failure."
+    )
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once; hosted APIs rate-limit beyond a few.")
+    cache: bool = Field(True, description="Keep every reply on disk so a rerun never asks the same question twice.")
+    cache_dir: Path | None = Field(None, description="Reply cache; defaults to cache/ in the work or run directory.")
+
+
+class DataSettings(ChatSettings):
     """Every knob of `dsd data`: where files go, the chat servers, the teacher and the grid geometry."""
 
     model_config = SettingsConfigDict(env_prefix="DSD_DATA_", extra="ignore")
@@ -65,19 +83,6 @@ class DataSettings(BaseSettings):
     vlm_api_key: SecretStr | None = Field(None, description="Defaults to llm_api_key.")
     vlm_temperature: float = Field(0.0, ge=0, le=2, description="A judge should answer the same way every time.")
     vlm_max_tokens: int = Field(2048, ge=16, description="Room for the chain of thought before the verdict.")
-
-    request_timeout_s: float = Field(
-        120.0, gt=0, description="Per request; a VLM reasoning over a 1024 px grid on a local server can take a minute."
-    )
-    max_retries: int = Field(5, ge=0, description="Retries after a timeout, a connection error, HTTP 408, 429 or 5xx.")
-    backoff_s: float = Field(1.0, ge=0, description="First retry delay, doubled each time (with jitter).")
-    max_backoff_s: float = Field(60.0, ge=0, description="Cap on any retry delay, Retry-After included.")
-    max_reply_attempts: int = Field(
-        3, ge=1, description="Tries for a usable reply (the model is told what was wrong) before recording a failure."
-    )
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once; hosted APIs rate-limit beyond a few.")
-    cache: bool = Field(True, description="Keep every reply on disk so a rerun never asks the same question twice.")
-    cache_dir: Path | None = Field(None, description="Reply cache; defaults to <work_dir>/cache.")
 
     teacher_dir: Path | None = Field(
         None,

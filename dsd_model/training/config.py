@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..limits import check_size
 
 RESUMABLE_CHANGES = frozenset(
-    {"dataset", "output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "resume_from"}
+    {"dataset", "output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "resume_from", "eval_every",
+     "eval_benchmark", "eval_steps"}
 )
 """Fields that may differ between a run and the run it resumes (a dataset may move; its content is not compared);
 any other difference would change the result."""
@@ -105,6 +106,18 @@ class TrainConfig(BaseModel):
     resume_from: Literal["latest"] | Path | None = Field(
         None, description="Checkpoint directory to resume from, or `latest` for the newest in output_dir."
     )
+    eval_every: int = Field(
+        0, ge=0, description="Optimizer steps between runs of the eval split (0: never), scored with the "
+        "DSD_EVAL_DINO_PATH / DSD_EVAL_CLIP_PATH encoders into eval.csv and eval.png; it does not change the weights."
+    )
+    eval_benchmark: Path | None = Field(
+        None, description="The eval split: a small benchmark in any `dsd eval` layout; its subjects and prompts stay "
+        "fixed for the run, so the scores are comparable from step to step."
+    )
+    eval_steps: int = Field(
+        28, ge=1, le=100, description="Denoising steps of the eval split's images; the inference default, so the "
+        "scores mean what serving will show."
+    )
 
     @field_validator("size")
     @classmethod
@@ -131,6 +144,12 @@ class TrainConfig(BaseModel):
     def _check_warmup(self) -> TrainConfig:
         if self.lr_warmup_steps > self.max_steps:
             raise ValueError(f"lr_warmup_steps {self.lr_warmup_steps} exceeds max_steps {self.max_steps}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_eval(self) -> TrainConfig:
+        if self.eval_every and self.eval_benchmark is None:
+            raise ValueError(f"eval_every {self.eval_every} needs eval_benchmark, the benchmark of the eval split")
         return self
 
     @property

@@ -3,6 +3,7 @@
     output_dir/
         config.json            the settings of the run
         loss.csv, loss.png     loss per optimizer step, and its curve
+        eval.csv, eval.png     eval-split scores every `eval_every` steps (`dsd_model.eval.training`)
         tensorboard/           the same scalars, when TensorBoard is installed
         checkpoints/step-*/    resumable state (`checkpoint.py`)
         adapter.safetensors    the adapter, loadable with `DSDPipeline.load_adapter(path, name)`
@@ -20,6 +21,7 @@ from accelerate.utils import is_tensorboard_available, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from ..eval.training import TrainingEval, plot_eval
 from ..pipeline import DSDPipeline
 from .checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -91,10 +93,12 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
         )
         start = load_checkpoint(checkpoint, accelerator, params, optimizer, scheduler) if checkpoint else 0
         transformer, optimizer = accelerator.prepare(pipe.transformer, optimizer)
+        evaluate = _eval_split(config, start) if accelerator.is_main_process else None
 
         # 4. Training loop
         try:
-            _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, scheduler, start, precision)
+            _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, scheduler, start, precision,
+                  evaluate)
         finally:
             accelerator.unwrap_model(transformer, keep_fp32_wrapper=False)
             accelerator.end_training()
@@ -107,9 +111,11 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
             save_adapter(pipe.transformer, adapter_path, base_dtype, metadata)
         accelerator.wait_for_everyone()
 
-    # 6. Loss curve
+    # 6. Loss curve and eval-split scores
     if accelerator.is_main_process:
         plot_loss(config.output_dir / "loss.csv", config.output_dir / "loss.png")
+        if evaluate is not None:
+            plot_eval(config.output_dir / "eval.csv", config.output_dir / "eval.png")
     losses = [row[1] for row in read_loss(config.output_dir / "loss.csv")]
     return TrainResult(adapter_path=adapter_path, output_dir=config.output_dir, steps=config.max_steps, losses=losses)
 
@@ -125,7 +131,14 @@ def _optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> to
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
-def _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, scheduler, start, precision) -> None:
+def _eval_split(config: TrainConfig, start: int) -> TrainingEval | None:
+    if not config.eval_every:
+        return None
+    return TrainingEval(config.eval_benchmark, config.output_dir, config.size, config.eval_steps, start)
+
+
+def _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, scheduler, start, precision,
+          evaluate) -> None:
     """Optimizer steps `start + 1` .. `max_steps`. Micro-batch `m` of process `r` reads stream positions
     `(m * processes + r) * batch_size ...` and draws its randomness from a generator seeded by (seed, m, r)."""
     log = LossLog(config.output_dir / "loss.csv", start) if accelerator.is_main_process else None
@@ -158,6 +171,9 @@ def _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, sc
             accelerator.log({"loss": loss_value, "lr": lr}, step=step)
             progress.update()
             progress.set_postfix(loss=f"{loss_value:.4f}")
+            if evaluate is not None and step % config.eval_every == 0:
+                scores = evaluate(pipe, step)
+                accelerator.log({f"eval/{metric}": value for metric, value in scores.items()}, step=step)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 save_checkpoint(accelerator, config, step, params, optimizer, scheduler)
     except torch.OutOfMemoryError as exc:
