@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from dsd_model import limits
 
@@ -29,6 +30,14 @@ class GenerateParams(BaseModel):
     num_images: Annotated[int, Field(ge=1, le=16)] = 1
     output_format: OutputFormat = "png"
     deadline_s: Annotated[float, Field(gt=0)] | None = None
+
+    @field_validator("steps", "guidance", "image_guidance", "text_guidance", "seed", "size", "num_images",
+                     "deadline_s", mode="before")
+    @classmethod
+    def _refuse_booleans(cls, value):
+        if isinstance(value, bool):
+            raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
+        return value
 
 
 class GenerateJSON(GenerateParams):
