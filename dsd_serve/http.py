@@ -302,7 +302,7 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
     @app.post(
         "/generate",
         response_model=GenerateResponse,
-        responses={code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 500, 503, 504)},
+        responses={code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)},
         openapi_extra={
             "requestBody": {
                 "content": {
