@@ -41,8 +41,6 @@ DATA_URI = re.compile(r"^data:[\w.+\-]+/[\w.+\-]+(;[\w.+\-]+=[\w.+\-]+)*;base64,
 CONSTRAINT_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
                      "string_too_short", "string_too_long", "literal_error"}
 """Pydantic errors whose message already states the limit."""
-CLOSE = {"Connection": "close"}
-"""On a response sent before the body was read: the rest of the body is not awaited on that connection."""
 REQUEST_FIELDS = GenerateJSON.model_json_schema()["properties"]
 
 
@@ -53,8 +51,9 @@ class ClientFault(Exception):
 
 
 def error_response(exc: BaseException, request_id: str) -> tuple[JSONResponse, str]:
-    """The response and the metrics outcome for any failure of a request."""
-    headers = {"X-Request-ID": request_id}
+    """The response and the metrics outcome for any failure of a request. It closes the connection: the body may be
+    unread (a client that keeps sending it would otherwise hold the connection), and a client retries on a new one."""
+    headers = {"X-Request-ID": request_id, "Connection": "close"}
     if isinstance(exc, ClientFault):
         status, code, message, field, outcome = exc.status, exc.code, exc.message, exc.field, exc.code
         headers.update(exc.headers or {})
@@ -133,15 +132,14 @@ class Uploads:
         if self.reading >= settings.max_concurrent_uploads:
             raise ClientFault(503, "unavailable", f"{self.reading} request bodies are being received, the limit of "
                               f"max_concurrent_uploads={settings.max_concurrent_uploads}; retry shortly",
-                              headers={"Retry-After": "1", **CLOSE})
+                              headers={"Retry-After": "1"})
         self.reading += 1
         try:
             async with asyncio.timeout(settings.body_read_timeout_s):
                 return await read_body(request, limit)
         except TimeoutError as exc:
             raise ClientFault(408, "request_timeout", f"the request body did not arrive within the limit of "
-                              f"body_read_timeout_s={settings.body_read_timeout_s:g} s",
-                              headers=CLOSE) from exc
+                              f"body_read_timeout_s={settings.body_read_timeout_s:g} s") from exc
         finally:
             self.reading -= 1
 
@@ -183,13 +181,12 @@ class CountInFlight:
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ClientFault(413, "payload_too_large", f"body of {declared} bytes exceeds the limit of {limit} bytes",
-                          headers=CLOSE)
+        raise ClientFault(413, "payload_too_large", f"body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ClientFault(413, "payload_too_large", f"body exceeds the limit of {limit} bytes", headers=CLOSE)
+            raise ClientFault(413, "payload_too_large", f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -206,6 +206,7 @@ def multipart(server, boundary: str, fields: dict[str, bytes]) -> httpx.Response
         ({"prompt": b"caf\xe9 au lait"}, "prompt", "is not valid UTF-8"),
         ({"prompt": b"a toy", "negative_prompt": b"\xff"}, "negative_prompt", "is not valid UTF-8"),
         ({"prompt": b"a toy", "steps": b"true"}, "steps", "accepted: integer from 1 to 100"),
+        ({"prompt": b"a toy", "seed": b"9" * 5000}, "seed", "accepted: integer from 0 to"),
         ({"prompt": b"a toy", "image_guidance": b"false"}, "image_guidance", "accepted: number from 0.0 to 20.0"),
     ],
 )
