@@ -130,6 +130,7 @@ class Uploads:
 
     async def read(self, request: Request, limit: int, settings) -> bytes:
         if self.reading >= settings.max_concurrent_uploads:
+            metrics.REQUESTS_REJECTED.labels(reason="uploads_full").inc()
             raise ClientFault(503, "unavailable", f"{self.reading} request bodies are being received, the limit of "
                               f"max_concurrent_uploads={settings.max_concurrent_uploads}; retry shortly",
                               headers={"Retry-After": "1"})

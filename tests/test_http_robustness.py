@@ -156,6 +156,7 @@ def test_uploads_past_the_cap_get_503_with_retry_after(server):
     (refused,) = [(elapsed, reply) for elapsed, reply in results.values() if status_of(reply) == 503]
     assert refused[0] < BODY_READ_TIMEOUT_S
     assert b"retry-after: 1" in refused[1].lower() and b"max_concurrent_uploads=21" in refused[1]
+    assert server.metric("dsd_requests_rejected_total", reason="uploads_full") == 1
     assert httpx.post(f"{server.url}/generate", json=body(), timeout=120).status_code == 200
 
 
