@@ -59,11 +59,10 @@ def test_sigterm_answers_503_until_the_running_request_returned(tmp_path):
     service = start_service(tmp_path, max_batch_rows="3")
     try:
         wait_ready(service)
-        long_result = {}
+        long_response = []
 
         def run_long():
-            long_result["response"] = httpx.post(f"{service.url}/generate", json=body(steps=100), timeout=300)
-            long_result["at"] = time.monotonic()
+            long_response.append(httpx.post(f"{service.url}/generate", json=body(steps=100), timeout=300))
 
         admitted = service.metric("dsd_queue_wait_seconds_count")
         long_request = threading.Thread(target=run_long)
@@ -72,22 +71,17 @@ def test_sigterm_answers_503_until_the_running_request_returned(tmp_path):
         os.kill(service.process.pid, signal.SIGTERM)  # the arbiter only, as Kubernetes signals PID 1
         probes = []
         while long_request.is_alive():
-            sent = time.monotonic()
             try:
-                generate = httpx.post(f"{service.url}/generate", json=body(), timeout=30)
+                generate = httpx.post(f"{service.url}/generate", json={}, timeout=30)
                 ready = httpx.get(f"{service.url}/readyz", timeout=30)
-                probes.append((sent, generate.status_code, generate.headers.get("retry-after"), ready.status_code))
+                probes.append((generate.status_code, generate.headers.get("retry-after"), ready.status_code))
             except httpx.TransportError as exc:
-                probes.append((sent, repr(exc), None, None))
-            time.sleep(0.1)
+                probes.append((repr(exc), None, None))
+            time.sleep(0.02)
         long_request.join()
-        assert long_result["response"].status_code == 200, long_result["response"].text
-        # the server closes at most a poll interval after sending the last response, which this process may take
-        # a while to hold on a loaded machine: probes sent in that last second may race the close
-        during = [probe[1:] for probe in probes if probe[0] < long_result["at"] - 1.0]
-        assert len(during) >= 3
-        assert set(during) == {(503, "5", 503)}, during
-        assert sum(probe[1] != 503 for probe in probes) <= 1, probes
+        assert long_response[0].status_code == 200, long_response[0].text
+        # the last probe may have been sent as the server closed, just after it sent the long request's response
+        assert len(probes) >= 3 and set(probes[:-1]) == {(503, "5", 503)}, probes
         assert service.process.wait(timeout=60) == 0
     finally:
         service.stop()
