@@ -1,10 +1,14 @@
 """The BentoML service: a thin shell around the HTTP app and the model runtime.
 
 Resources and traffic live in the decorator; the model loads on a background thread after the server starts, so
-`/livez` answers during a long load and `/readyz` turns ready only after the engine's warm-up. On SIGTERM the
-engine stops admitting at once (503 with Retry-After), in-flight requests finish, then the engine drains.
-The gRPC server (`DSD_GRPC_PORT`, 0 disables it) shares the runtime and listens from the start; its health is
-SERVING only between the warm-up and SIGTERM, and it stops after the engine drained.
+`/livez` answers during a long load and `/readyz` turns ready only after the engine's warm-up. The settings are
+read when this module is imported, so `bentoml serve` exits at once, naming the setting, when one is invalid.
+
+On SIGTERM the engine stops admitting at once and `/readyz` fails; the HTTP server keeps accepting connections and
+answers new requests 503 with Retry-After while queued and running requests finish (at most `DSD_DRAIN_TIMEOUT_S`);
+only then does uvicorn's own shutdown run, which lets the last responses go out. The gRPC server
+(`DSD_GRPC_PORT`, 0 disables it) shares the runtime and listens from the start; its health is SERVING only between
+the warm-up and SIGTERM, and it stops after the engine drained.
 
     BENTOML_DO_NOT_TRACK=True bentoml serve service:DSDService --port 3000
 """
@@ -14,14 +18,20 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 import bentoml
+from pydantic import ValidationError
 
 from dsd_model.settings import Settings
 from dsd_serve.grpc_server import GrpcServer
 from dsd_serve.http import create_app
 
 logger = logging.getLogger("dsd_serve")
+try:
+    settings = Settings()
+except ValidationError as exc:
+    raise SystemExit(f"invalid DSD_* setting: {exc}") from exc
 app = create_app()
 
 
@@ -29,24 +39,33 @@ app = create_app()
 @bentoml.service(name="dsd", workers=1, traffic={"timeout": 900, "concurrency": 256})
 class DSDService:
     def __init__(self) -> None:
-        self.settings = Settings()
+        self.settings = settings
         self.runtime = None
         self.load_failed = False
         self.grpc = GrpcServer(self.settings) if self.settings.grpc_port else None
         if self.grpc is not None:
             self.grpc.start()
+        self._drain_started = threading.Event()
         threading.Thread(target=self._load, name="dsd-load", daemon=True).start()
-        previous = signal.getsignal(signal.SIGTERM)
+        server_exit = signal.getsignal(signal.SIGTERM)
 
-        def stop_admitting(signum, frame):
-            if self.grpc is not None:
-                self.grpc.stop_serving()
-            if self.runtime is not None:
-                self.runtime.engine.stop_admitting()
-            if callable(previous):
-                previous(signum, frame)
+        def drain_then_exit(signum, frame):
+            """Drain the engine and let the last responses go out; only then run the server's own exit handler
+            (uvicorn's), so the server answers every request meanwhile."""
+            if self._drain_started.is_set():
+                return
+            self._drain_started.set()
 
-        signal.signal(signal.SIGTERM, stop_admitting)
+            def wait_for_drain():
+                end = time.monotonic() + self.settings.drain_timeout_s
+                self.drain_engine()
+                app.state.in_flight.wait_until_none(max(0.0, end - time.monotonic()))
+                if callable(server_exit):
+                    server_exit(signum, None)
+
+            threading.Thread(target=wait_for_drain, name="dsd-drain", daemon=True).start()
+
+        signal.signal(signal.SIGTERM, drain_then_exit)
 
     def _load(self) -> None:
         from dsd_serve.runtime import Runtime
@@ -70,12 +89,16 @@ class DSDService:
     def __is_alive__(self) -> bool:
         return not self.load_failed
 
-    @bentoml.on_shutdown
-    def drain(self) -> None:
+    def drain_engine(self) -> None:
         if self.grpc is not None:
             self.grpc.stop_serving()
         if self.runtime is not None:
             clean = self.runtime.drain()
             logger.info("engine drained (%s)", "clean" if clean else "timed out; the rest was cancelled")
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        if not self._drain_started.is_set():
+            self.drain_engine()
         if self.grpc is not None:
             self.grpc.stop()

@@ -129,6 +129,15 @@ class Settings(BaseSettings):
         "Unset: any client may connect, and the API key authenticates it.",
     )
     max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="Largest request body / reference upload.")
+    body_read_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Time to receive a whole request body before 408; the largest upload "
+        "(20 MiB) arrives in 120 s at 1.4 Mbit/s, a slow mobile uplink, while a client that trickles bytes to hold "
+        "a connection is cut off.",
+    )
+    max_concurrent_uploads: int = Field(
+        64, ge=1, le=10_000, description="Request bodies read at once per replica before 503; as many as the "
+        "admission queue holds, and it bounds body memory and the /tmp spool at 64 x 20 MiB = 1.25 GiB.",
+    )
     max_images: int = Field(4, ge=1, le=16, description="Images per request (each is one engine request).")
     default_deadline_s: float = Field(300.0, gt=0, description="Deadline when a request sets none.")
     max_deadline_s: float = Field(600.0, gt=0, description="Largest deadline a request may ask for.")

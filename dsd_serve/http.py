@@ -21,10 +21,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from dsd_model import metrics, provenance
 from dsd_model.errors import ContentPolicyError, DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
-
 from dsd_model.settings import Settings
 
 from .schemas import ErrorResponse, GenerateJSON, GenerateParams, GenerateResponse, Timings
@@ -34,8 +34,16 @@ logger = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 DISCONNECT_POLL_S = 0.25
 FORM_OVERHEAD = 64 * 1024
-"""Room for the other fields and multipart boundaries beside the image."""
+"""Room for the other fields and multipart boundaries beside the image; also the limit of one non-file part."""
 VERIFY_TYPES = ("image/png", "image/jpeg", "image/webp")
+MAX_NUMBER_DIGITS = 100
+"""No accepted number has more digits (seeds have 19); a longer JSON integer is read as a float, so the field's
+range refuses it instead of Python's int-string limit (4300 digits) raising."""
+DATA_URI = re.compile(r"^data:[\w.+\-]+/[\w.+\-]+(;[\w.+\-]+=[\w.+\-]+)*;base64,", re.IGNORECASE)
+CONSTRAINT_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+                     "string_too_short", "string_too_long", "literal_error"}
+"""Pydantic errors whose message already states the limit."""
+REQUEST_FIELDS = GenerateJSON.model_json_schema()["properties"]
 
 
 class ClientFault(Exception):
@@ -45,8 +53,9 @@ class ClientFault(Exception):
 
 
 def error_response(exc: BaseException, request_id: str) -> tuple[JSONResponse, str]:
-    """The response and the metrics outcome for any failure of a request."""
-    headers = {"X-Request-ID": request_id}
+    """The response and the metrics outcome for any failure of a request. It closes the connection: the body may be
+    unread (a client that keeps sending it would otherwise hold the connection), and a client retries on a new one."""
+    headers = {"X-Request-ID": request_id, "Connection": "close"}
     if isinstance(exc, ClientFault):
         status, code, message, field, outcome = exc.status, exc.code, exc.message, exc.field, exc.code
         headers.update(exc.headers or {})
@@ -59,6 +68,8 @@ def error_response(exc: BaseException, request_id: str) -> tuple[JSONResponse, s
         message = f"{field}: {first['msg']}" if field else first["msg"]
         if first["type"] == "extra_forbidden":
             message = f"{field}: unknown field; accepted fields: {', '.join(sorted(GenerateJSON.model_fields))}"
+        elif first["type"] not in CONSTRAINT_ERRORS and (expected := accepted_values(field)):
+            message = f"{message}; accepted: {expected}"
     elif isinstance(exc, ContentPolicyError):
         status, code, message, field, outcome = 422, "content_policy", str(exc), exc.field, "content_policy"
     elif isinstance(exc, QueueFull):
@@ -71,12 +82,37 @@ def error_response(exc: BaseException, request_id: str) -> tuple[JSONResponse, s
         status, code, message, field, outcome = 504, "deadline_exceeded", str(exc), "deadline_s", "timeout"
     elif isinstance(exc, RequestCancelled):
         status, code, message, field, outcome = 499, "cancelled", str(exc), None, "cancelled"
+    elif isinstance(exc, ClientDisconnect):
+        status, code, field, outcome = 499, "cancelled", None, "cancelled"
+        message = "the client closed the connection while sending the body"
     else:
         logger.error("request %s failed", request_id, exc_info=exc)
         status, code, field, outcome = 500, "internal", None, "error"
         message = f"internal error; quote request id {request_id} when reporting it"
     body = ErrorResponse(error=dict(code=code, message=message, field=field, request_id=request_id))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers), outcome
+
+
+def accepted_values(field: str | None) -> str | None:
+    """What the request schema accepts for `field`, e.g. `integer from 1 to 100`."""
+    schema = REQUEST_FIELDS.get(field or "")
+    if schema is None:
+        return None
+    (kind,) = [option for option in schema.get("anyOf", [schema]) if option.get("type") != "null"]
+    if "enum" in kind:
+        return " or ".join(repr(value) for value in kind["enum"])
+    if kind["type"] == "string":
+        return f"string of {kind.get('minLength', 0)} to {kind['maxLength']} characters"
+    words = [kind["type"]]
+    if "minimum" in kind:
+        words.append(f"from {kind['minimum']}")
+    if "exclusiveMinimum" in kind:
+        words.append(f"above {kind['exclusiveMinimum']}")
+    if "maximum" in kind:
+        words.append(f"to {kind['maximum']}")
+    if "multipleOf" in kind:
+        words.append(f"in multiples of {kind['multipleOf']}")
+    return " ".join(words)
 
 
 def authenticate(request: Request, runtime) -> None:
@@ -87,6 +123,64 @@ def authenticate(request: Request, runtime) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
         raise ClientFault(401, "unauthenticated", "missing or wrong API key; send `Authorization: Bearer <key>`",
                           headers={"WWW-Authenticate": "Bearer"})
+
+
+class Uploads:
+    """Bounds the request bodies being read: how many at once, and how long each may take to arrive, so clients
+    that trickle bytes cannot hold connections, memory and /tmp."""
+
+    def __init__(self):
+        self.reading = 0
+
+    async def read(self, request: Request, limit: int, settings) -> bytes:
+        if self.reading >= settings.max_concurrent_uploads:
+            metrics.REQUESTS_REJECTED.labels(reason="uploads_full").inc()
+            raise ClientFault(503, "unavailable", f"{self.reading} request bodies are being received, the limit of "
+                              f"max_concurrent_uploads={settings.max_concurrent_uploads}; retry shortly",
+                              headers={"Retry-After": "1"})
+        self.reading += 1
+        try:
+            async with asyncio.timeout(settings.body_read_timeout_s):
+                return await read_body(request, limit)
+        except TimeoutError as exc:
+            raise ClientFault(408, "request_timeout", f"the request body did not arrive within the limit of "
+                              f"body_read_timeout_s={settings.body_read_timeout_s:g} s") from exc
+        finally:
+            self.reading -= 1
+
+
+class InFlight:
+    """Requests that reached the app while the engine admitted work and whose response is not sent yet. Shutdown
+    keeps the server accepting (and answering 503) until they are done, so their responses go out first."""
+
+    def __init__(self):
+        self.count = 0
+
+    def wait_until_none(self, timeout: float) -> bool:
+        """Block (off the event loop) until no such request is left or `timeout` passed."""
+        end = time.monotonic() + timeout
+        while self.count and time.monotonic() < end:
+            time.sleep(0.05)
+        return not self.count
+
+
+class CountInFlight:
+    """ASGI middleware feeding `InFlight`."""
+
+    def __init__(self, app, in_flight: InFlight):
+        self.app = app
+        self.in_flight = in_flight
+
+    async def __call__(self, scope, receive, send) -> None:
+        runtime = scope["app"].state.runtime if scope["type"] == "http" else None
+        if runtime is None or not runtime.engine.ready:
+            await self.app(scope, receive, send)
+            return
+        self.in_flight.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight.count -= 1
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -102,31 +196,72 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def parse_json_integer(text: str) -> int | float:
+    return int(text) if len(text) <= MAX_NUMBER_DIGITS else float(text)
+
+
+def parse_json(body: bytes) -> dict:
+    """The JSON object of a request body; any malformed body is a `ClientFault` (400)."""
+    try:
+        document = json.loads(body, parse_int=parse_json_integer)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ClientFault(400, "invalid_json", f"body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ClientFault(400, "invalid_json", "body nests arrays or objects too deeply to parse; a request is one "
+                          "object of scalar fields (1 level)") from exc
+    if not isinstance(document, dict):
+        raise ClientFault(400, "invalid_json", "body must be a JSON object")
+    return document
+
+
+def decode_base64_image(text: str) -> bytes:
+    """Standard base64, also wrapped in lines (the `base64` tool wraps at 76 columns) or as a `data:` URI."""
+    match = DATA_URI.match(text)
+    if match is None and text.startswith("data:"):
+        raise InputError("image", "is a data URI that is not base64; send `data:<type>;base64,<data>`")
+    payload = "".join(text[match.end() if match else 0:].split())
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError("image", f"is not valid base64 ({exc})") from exc
+
+
+class FormParser(MultiPartParser):
+    """Starlette's multipart parser, refusing an oversized or non-UTF-8 text part by its field name."""
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current_part
+        if part.file is None and len(part.data) + end - start > self.max_part_size:
+            raise InputError(part.field_name, f"exceeds the limit of {self.max_part_size} bytes for a text field")
+        super().on_part_data(data, start, end)
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                part.data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(part.field_name, f"is not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        super().on_part_end()
+
+
 async def parse_request(request: Request, runtime) -> tuple[GenerateParams, bytes]:
-    upload_limit = runtime.settings.max_upload_bytes
+    settings = runtime.settings
+    uploads: Uploads = request.app.state.uploads
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
-        body = await read_body(request, upload_limit * 4 // 3 + FORM_OVERHEAD)
-        try:
-            document = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ClientFault(400, "invalid_json", f"body is not valid JSON: {exc}") from exc
-        if not isinstance(document, dict):
-            raise ClientFault(400, "invalid_json", "body must be a JSON object")
-        payload = GenerateJSON.model_validate(document)
-        try:
-            image = base64.b64decode(payload.image, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise InputError("image", f"is not valid base64 ({exc})") from exc
+        body = await uploads.read(request, settings.max_upload_bytes * 4 // 3 + FORM_OVERHEAD, settings)
+        payload = GenerateJSON.model_validate(parse_json(body))
+        image = decode_base64_image(payload.image)
         return GenerateParams.model_validate(payload.model_dump(exclude={"image"})), image
     if content_type == "multipart/form-data":
-        body = await read_body(request, upload_limit + FORM_OVERHEAD)
+        body = await uploads.read(request, settings.max_upload_bytes + FORM_OVERHEAD, settings)
 
         async def stream():
             yield body
 
         try:
-            form = await MultiPartParser(
+            form = await FormParser(
                 request.headers, stream(), max_files=1, max_fields=32, max_part_size=FORM_OVERHEAD
             ).parse()
         except MultiPartException as exc:
@@ -162,11 +297,14 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
     """The HTTP app. The runtime is attached later as `app.state.runtime` (it loads after the server starts)."""
     app = FastAPI(title=title, description=__doc__, docs_url="/api/docs", openapi_url="/api/openapi.json")
     app.state.runtime = None
+    app.state.uploads = Uploads()
+    app.state.in_flight = InFlight()
+    app.add_middleware(CountInFlight, in_flight=app.state.in_flight)
 
     @app.post(
         "/generate",
         response_model=GenerateResponse,
-        responses={code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 500, 503, 504)},
+        responses={code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)},
         openapi_extra={
             "requestBody": {
                 "content": {

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from dsd_model import limits
 
@@ -31,6 +32,14 @@ class GenerateParams(BaseModel):
     deadline_s: Annotated[float, Field(gt=0)] | None = None
     consent: bool = Field(False, description="the person shown in the reference agreed to this use (needed when the "
                           "service's input check flags the reference as showing a real person)")
+
+    @field_validator("steps", "guidance", "image_guidance", "text_guidance", "seed", "size", "num_images",
+                     "deadline_s", mode="before")
+    @classmethod
+    def _refuse_booleans(cls, value):
+        if isinstance(value, bool):
+            raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
+        return value
 
 
 class GenerateJSON(GenerateParams):

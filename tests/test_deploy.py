@@ -238,6 +238,19 @@ def test_pods_run_locked_down(overlay):
 
 
 @each_overlay
+def test_tmp_holds_every_upload_being_read(overlay, monkeypatch):
+    settings = settings_of(overlay, monkeypatch)
+    server = container(overlay)
+    pod = named(overlay, "Deployment", SERVICE)["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    (tmp,) = [mount["name"] for mount in server["volumeMounts"] if mount["mountPath"] == "/tmp"]
+    limit = volumes[tmp]["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi")
+    # room beside the spooled uploads for XDG_CACHE_HOME
+    assert int(limit[:-2]) * 2**30 >= 1.5 * settings.max_upload_bytes * settings.max_concurrent_uploads
+
+
+@each_overlay
 def test_selectors_disruption_budget_and_network_policy(overlay):
     labels = pod_labels(overlay)
     budget = named(overlay, "PodDisruptionBudget", SERVICE)["spec"]

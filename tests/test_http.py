@@ -124,6 +124,10 @@ def b64(data: bytes) -> str:
         ({"output_format": "gif"}, 422, "output_format", "'png', 'jpeg' or 'webp'"),
         ({"colour": "red"}, 422, "colour", "unknown field"),
         ({"seed": -3}, 422, "seed", "greater than or equal to 0"),
+        ({"steps": True}, 422, "steps", "not a boolean; accepted: integer from 1 to 100"),
+        ({"guidance": False}, 422, "guidance", "not a boolean; accepted: number from 0.0 to 20.0"),
+        ({"image": "data:image/png," + b64(REFERENCE)}, 422, "image", "data URI that is not base64"),
+        ({"image": "data:image/png;base64,@@@"}, 422, "image", "not valid base64"),
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_field(server, overrides, status, field, message):
@@ -143,6 +147,74 @@ def test_non_finite_numbers_are_refused(server, literal):
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == "guidance"
     assert "finite" in response.json()["error"]["message"]
+
+
+def send_json_text(server, text: str) -> httpx.Response:
+    return httpx.post(f"{server.url}/generate", content=text, timeout=60,
+                      headers={**AUTH, "content-type": "application/json"})
+
+
+def with_raw_field(name: str, literal: str) -> str:
+    return json.dumps(body())[:-1] + f', "{name}": {literal}}}'
+
+
+@pytest.mark.parametrize(
+    "text, status, field, message",
+    [
+        (with_raw_field("seed", "9" * 5000), 422, "seed", "accepted: integer from 0 to"),
+        (with_raw_field("steps", "-" + "9" * 5000), 422, "steps", "accepted: integer from 1 to 100"),
+        (with_raw_field("guidance", "1e400"), 422, "guidance", "finite"),
+        (with_raw_field("extra", "9" * 5000), 422, "extra", "unknown field"),
+        (with_raw_field("extra", "[" * 100_000 + "]" * 100_000), 400, None, "nests arrays or objects too deeply"),
+        ("[" * 100_000 + "]" * 100_000, 400, None, "nests arrays or objects too deeply"),
+        ('{"a": ' * 100_000 + "1" + "}" * 100_000, 400, None, "nests arrays or objects too deeply"),
+        (json.dumps(body(prompt="\ud800")), 422, "prompt", "unicode"),
+        ("[1, 2]", 400, None, "must be a JSON object"),
+        ("", 400, None, "not valid JSON"),
+    ],
+)
+def test_malformed_json_of_any_shape_is_a_4xx(server, text, status, field, message):
+    response = send_json_text(server, text)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and message in error["message"], error
+
+
+def test_base64_as_common_tools_write_it(server):
+    plain = b64(REFERENCE)
+    wrapped = "\n".join(plain[i:i + 76] for i in range(0, len(plain), 76)) + "\n"
+    expected = post(server, body()).json()["images"]
+    for image in (wrapped, "data:image/png;base64," + plain, "data:image/png;base64," + wrapped.replace("\n", "\r\n")):
+        response = post(server, body(image=image))
+        assert response.status_code == 200, response.text
+        assert response.json()["images"] == expected
+
+
+def multipart(server, boundary: str, fields: dict[str, bytes]) -> httpx.Response:
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+             for name, value in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="ref.png"\r\n'
+                 f"Content-Type: image/png\r\n\r\n".encode() + REFERENCE + f"\r\n--{boundary}--\r\n".encode())
+    return httpx.post(f"{server.url}/generate", content=b"".join(parts), timeout=60,
+                      headers={**AUTH, "content-type": f"multipart/form-data; boundary={boundary}"})
+
+
+@pytest.mark.parametrize(
+    "fields, field, message",
+    [
+        ({"prompt": b"x" * 70_000}, "prompt", "exceeds the limit of 65536 bytes"),
+        ({"prompt": b"caf\xe9 au lait"}, "prompt", "is not valid UTF-8"),
+        ({"prompt": b"a toy", "negative_prompt": b"\xff"}, "negative_prompt", "is not valid UTF-8"),
+        ({"prompt": b"a toy", "steps": b"true"}, "steps", "accepted: integer from 1 to 100"),
+        ({"prompt": b"a toy", "seed": b"9" * 5000}, "seed", "accepted: integer from 0 to"),
+        ({"prompt": b"a toy", "image_guidance": b"false"}, "image_guidance", "accepted: number from 0.0 to 20.0"),
+    ],
+)
+def test_multipart_fields_are_refused_by_name(server, fields, field, message):
+    response = multipart(server, "dsd-boundary-1", fields)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and message in error["message"], error
 
 
 def test_malformed_bodies(server, tight):
