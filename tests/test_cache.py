@@ -259,8 +259,8 @@ def test_prompt_embeddings_are_reused_and_bounded(fresh_pipe):
     assert torch.equal(states[0].pooled_prompt_embeds, fresh[1])
     assert counter("dsd_prompt_cache_hits_total") - hits == 1 and counter("dsd_prompt_cache_misses_total") - misses == 1
 
-    assert prepare("b", cfg=True)[1] == 1
-    assert prepare("c", "d")[1] == 1
+    assert prepare("b", cfg=True)[1] == 2, "the prompt and the empty negative prompt, each encoded alone"
+    assert prepare("c", "d")[1] == 2
     assert len(cache) == 3
     assert prepare("d", cfg=True)[1] == 0, "the pinned empty negative prompt must survive evictions"
     assert prepare("a red toy")[1] == 1, "the least recently used prompt is evicted"
