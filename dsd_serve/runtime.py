@@ -165,6 +165,7 @@ class Runtime:
                     seed=(first_seed + index) % (limits.MAX_SEED + 1),
                     adapter=adapter,
                     image_digest=image_digest,
+                    exact=params.exact,
                 )
                 jobs.append(
                     self.engine.submit(request, deadline=arrived + deadline_s, request_id=f"{request_id}-{index}")
