@@ -12,6 +12,7 @@ from dsd_model.engine import (
 )
 from dsd_model.tiny import tiny_lora_state_dict
 from helpers import random_image
+from test_engine_stress import STAGES, FaultyPipeline
 from test_pipeline import BATCH_TOLERANCE
 
 
@@ -196,3 +197,36 @@ def test_whole_request_batching_waits_for_an_empty_batch(engine):
     assert last_step.step == 8 and second.started >= last_step.at  # the first batch's decode may overlap
     assert third.state.done  # the batch's results come back together, after its longest request
     third.future.result(timeout=30)
+
+
+def test_exact_request_in_a_busy_engine_equals_it_alone(engine, adapted_pipe):
+    eng = engine(max_batch_rows=12)
+    exact = req(7, num_inference_steps=4, image_guidance_scale=2.0, exact=True)
+    alone = adapted_pipe(exact.image, exact.prompt, num_inference_steps=4, image_guidance_scale=2.0, size=64,
+                         seed=7, adapter="identity").images[0]
+    busy = [eng.submit(req(i, num_inference_steps=8, image_guidance_scale=1.5 if i % 2 else 1.0)) for i in range(3)]
+    wait_for(busy[0], "step")
+    job = eng.submit(exact)
+    later = [eng.submit(req(i, num_inference_steps=3)) for i in range(3, 5)]
+    result = job.future.result(timeout=60)
+    for other in busy + later:
+        other.future.result(timeout=60)
+    assert job.started < max(other.finished for other in busy + later)  # it stepped while others ran
+    # its rows ran in forwards of their own, of the same shapes as alone: equal bit for bit
+    assert np.array_equal(np.asarray(result.image), np.asarray(alone))
+
+
+def test_a_failing_decode_fails_that_request_only(fresh_pipe):
+    pipe = FaultyPipeline(**fresh_pipe.components)
+    pipe.faults = {stage: set() for stage in STAGES} | {"finish": {"a toy number 2"}}
+    eng = Engine(pipe, EngineConfig(batching="request", max_batch_rows=12))
+    eng.start(warmup=False)
+    try:
+        jobs = [eng.submit(req(i, num_inference_steps=i + 1, adapter=None)) for i in range(1, 4)]
+        assert jobs[0].future.result(timeout=30).seed == 1 and jobs[2].future.result(timeout=30).seed == 3
+        with pytest.raises(InternalError, match=jobs[1].request_id):
+            jobs[1].future.result(timeout=30)
+        wait_until(lambda: eng.running == 0)
+        assert eng.submit(req(4, num_inference_steps=2, adapter=None)).future.result(timeout=30).seed == 4
+    finally:
+        eng.drain(timeout=10)
