@@ -115,6 +115,7 @@ class Runtime:
                 max_batch_rows=self.settings.max_batch_rows,
                 max_queue=self.settings.max_queue,
                 batching=self.settings.batching,
+                prepare_ahead=self.settings.prepare_ahead,
             ),
             latent_cache=open_latent_cache(self.settings, self.pipe.vae),
         )
