@@ -470,13 +470,13 @@ class Engine:
             self._request_seconds = run if not self._request_seconds else 0.8 * self._request_seconds + 0.2 * run
             self._settle(job, JobResult(image=image, seed=job.state.seed, request_id=job.request_id,
                                         queue_seconds=job.started - job.submitted, run_seconds=run))
-        self._wake()
 
     # ------------------------------------------------------------------ outcomes
 
     def _settle(self, job: Job, result: JobResult | None = None, error: Exception | None = None) -> None:
-        """Resolve the job's future and emit its last event. A future its waiter already cancelled stays
-        cancelled: nobody waits for the outcome, which is not an error."""
+        """Resolve the job's future, emit its last event, and wake the threads and `drain` (the job has left the
+        engine). A future its waiter already cancelled stays cancelled: nobody waits for the outcome, which is not
+        an error."""
         job.finished = time.monotonic()
         try:
             if error is None:
@@ -489,3 +489,4 @@ class Engine:
             job.emit(Event("done", job.request_id, step=job.state.num_steps, total=job.state.num_steps))
         else:
             job.emit(Event("failed", job.request_id, error=str(error)))
+        self._wake()

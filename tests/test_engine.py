@@ -230,3 +230,17 @@ def test_a_failing_decode_fails_that_request_only(fresh_pipe):
         assert eng.submit(req(4, num_inference_steps=2, adapter=None)).future.result(timeout=30).seed == 4
     finally:
         eng.drain(timeout=10)
+
+
+def test_drain_wakes_when_cancelled_requests_leave(engine):
+    eng = engine(max_batch_rows=3)
+    running = eng.submit(req(1, num_inference_steps=100, image_guidance_scale=2.0))
+    waiting = eng.submit(req(2, num_inference_steps=100))
+    wait_for(running, "step")
+    running.future.cancel()  # what a waiter's cancellation does (asyncio.wrap_future)
+    waiting.cancel()
+    started = time.monotonic()
+    assert eng.drain()
+    assert time.monotonic() - started < 5
+    assert running.future.cancelled() and isinstance(waiting.future.exception(), RequestCancelled)
+    assert max(e.step for e in running.history) < 100 and eng.running == eng.queue_depth == 0
