@@ -1,10 +1,12 @@
-"""Step-time jitter a joining request causes: how much longer the running batch's step interval gets at a step
-boundary where a new request joins (its prompt encoding, VAE encode and noise) than at a steady one.
+"""Step-time jitter a joining request causes: how long the denoising thread spends between two forwards of the running
+batch at a step boundary where a new request joins (its prompt encoding, VAE encode and noise, if the engine does
+them there) against a steady boundary.
 
-One long request runs; `--joiners` short requests with distinct references and prompts arrive while it does. The
-interval between consecutive step completions is classified as `join` when a request entered the batch at that
-boundary, `steady` otherwise. Only the engine's public API and `DSDPipeline.step` are used, so the same script
-measures any engine version.
+One long request runs; `--joiners` short requests with distinct references and prompts arrive while it does. The gap
+between the end of one step of the long request and the start of its next is classified as `join` when a request
+entered the batch at that boundary, `steady` otherwise; the step times themselves grow with the batch's rows and are
+reported apart. Only the engine's public API and `DSDPipeline.step` are used, so the same script measures any
+engine version.
 
     python benchmarks/step_jitter.py [--model tiny|real-size] [--size 64] [--joiners 8]
 
@@ -29,13 +31,14 @@ from dsd_model.tiny import build_real_size_transformer, build_real_size_vae, bui
 
 
 class TimedPipeline(DSDPipeline):
-    """Records when each step ended and which requests it advanced."""
+    """Records when each step started and ended and which requests it advanced."""
 
-    steps: list[tuple[float, frozenset[int]]]
+    steps: list[tuple[float, float, frozenset[int]]]
 
     def step(self, states):
+        started = time.perf_counter()
         super().step(states)
-        self.steps.append((time.perf_counter(), frozenset(id(state.request) for state in states)))
+        self.steps.append((started, time.perf_counter(), frozenset(id(state.request) for state in states)))
 
 
 def real_size_components() -> dict:
@@ -96,18 +99,23 @@ def main() -> None:
         job.future.result()
     engine.drain(timeout=60)
 
-    mine = [(at, ids) for at, ids in pipe.steps if id(long.request) in ids]
+    mine = [step for step in pipe.steps if id(long.request) in step[2]]
+    gaps = {"steady": [], "join": []}
     intervals = {"steady": [], "join": []}
-    for (before, previous), (after, current) in zip(mine, mine[1:]):
-        intervals["join" if current - previous else "steady"].append(after - before)
+    for (_, ended, previous), (started, next_ended, current) in zip(mine, mine[1:]):
+        kind = "join" if current - previous else "steady"
+        gaps[kind].append(started - ended)
+        intervals[kind].append(next_ended - ended)
+    forwards = [ended - started for started, ended, _ in mine]
     print(f"{args.model}, canvas {args.size}x{2 * args.size}, {torch.get_num_threads()} intra-op thread(s), "
-          f"{args.joiners} joiners over {args.long_steps} steps of the running request\n")
-    header = f"{'step interval':<14} {'count':>6} {'p50 ms':>9} {'max ms':>9}"
+          f"{args.joiners} joiners over {args.long_steps} steps of the running request; "
+          f"step p50 {1000 * statistics.median(forwards):.1f} ms\n")
+    header = f"{'boundary':<8} {'count':>6} {'gap p50 ms':>11} {'gap max ms':>11} {'step-to-step p50 ms':>20}"
     print(header)
     print("-" * len(header))
-    for kind, values in intervals.items():
-        print(f"{kind:<14} {len(values):>6} {1000 * statistics.median(values):>9.1f} {1000 * max(values):>9.1f}")
-    print(f"join p50 / steady p50: {statistics.median(intervals['join']) / statistics.median(intervals['steady']):.2f}")
+    for kind, values in gaps.items():
+        print(f"{kind:<8} {len(values):>6} {1000 * statistics.median(values):>11.2f} {1000 * max(values):>11.2f} "
+              f"{1000 * statistics.median(intervals[kind]):>20.1f}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 calls directly, so there is one implementation of the math:
 
     prepare(requests) -> states    encode prompts, encode the [reference | black] canvas, draw noise, schedule
-    step(states)                   one batched transformer forward over any mix of states, then an Euler update
+    step(states)                   one batched transformer forward over any mix of states (an exact request's
+                                   rows in one of their own), then an Euler update
     finish(state) -> image         unpack, decode, keep the right half
 
 Official facts reproduced (DESIGN.md section 1): the canvas, condition encoding `(z - shift) * scale` then 2x2
