@@ -380,8 +380,8 @@ class Engine:
             self.pipe.step([job.state for job in batch])
             stepped = batch
         except Exception:
-            logger.exception("step of batch %s failed; stepping each request alone",
-                             [job.request_id for job in batch])
+            logger.exception("step of %s failed%s", [job.request_id for job in batch],
+                             "; stepping each request alone" if len(batch) > 1 else "")
             stepped = [job for job in batch if self._step_alone(job)] if len(batch) > 1 else []
         else:
             metrics.STEP_DURATION.observe(time.monotonic() - started)
