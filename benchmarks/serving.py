@@ -5,8 +5,10 @@
 2. Step-level against whole-request batching: the same seeded, staggered (Poisson) arrival pattern at ~80% of the
    whole-request engine's saturated throughput; p50/p99 latency and throughput (goals: p50 <= 0.6x, throughput
    >= 1.0x).
+3. The cost of exact mode: `--concurrent` requests submitted together, all normal (sharing forwards) against all
+   `exact` (a forward each), alternating runs; p50 latency and throughput.
 
-    python benchmarks/serving.py [--requests 60] [--http-runs 15]
+    python benchmarks/serving.py [--requests 60] [--http-runs 15] [--concurrent 8] [--sections 1,2,3]
 """
 
 from __future__ import annotations
@@ -121,15 +123,50 @@ def batching(count: int) -> None:
           f"throughput ratio: {whole_span / step_span:.2f} (goal >= 1.0)")
 
 
+def exact_cost(concurrent: int, runs: int, steps: int) -> None:
+    pipe = load_pipeline(Settings(profile="tiny"))
+    engine = Engine(pipe, EngineConfig(max_batch_rows=max(8, concurrent), max_queue=10_000))
+    engine.start()
+    image = Image.open(REFERENCE).convert("RGB")
+    measured: dict[bool, list[tuple[list[float], float]]] = {False: [], True: []}
+    for run in range(runs):
+        for exact in (False, True):
+            start = time.monotonic()
+            jobs = [engine.submit(GenerationRequest(image=image, prompt=f"the same toy, scene {i}", size=64, seed=i,
+                                                    num_inference_steps=steps, adapter="identity", exact=exact))
+                    for i in range(concurrent)]
+            for job in jobs:
+                job.future.result()
+            measured[exact].append(([job.finished - job.submitted for job in jobs], time.monotonic() - start))
+    engine.drain(timeout=10)
+    print(f"\n3. exact mode: {concurrent} concurrent requests (64 px, {steps} steps), median of {runs} alternating runs")
+    print(f"{'requests':<10} {'p50 s':>8} {'throughput req/s':>17}")
+    summary = {}
+    for exact, label in ((False, "normal"), (True, "exact")):
+        p50 = statistics.median(percentile(latencies, 0.5) for latencies, _ in measured[exact])
+        throughput = statistics.median(concurrent / span for _, span in measured[exact])
+        summary[exact] = (p50, throughput)
+        print(f"{label:<10} {p50:>8.3f} {throughput:>17.2f}")
+    print(f"exact/normal: p50 {summary[True][0] / summary[False][0]:.2f}x, "
+          f"throughput {summary[True][1] / summary[False][1]:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--http-runs", type=int, default=15)
     parser.add_argument("--size", type=int, default=512, help="HTTP benchmark canvas side (official: 512)")
     parser.add_argument("--steps", type=int, default=28, help="HTTP benchmark steps (official: 28)")
+    parser.add_argument("--concurrent", type=int, default=8, help="exact-mode comparison: requests at once")
+    parser.add_argument("--sections", default="1,2,3", help="which comparisons to run, e.g. 3")
     args = parser.parse_args()
-    http_overhead(args.http_runs, args.size, args.steps)
-    batching(args.requests)
+    sections = set(args.sections.split(","))
+    if "1" in sections:
+        http_overhead(args.http_runs, args.size, args.steps)
+    if "2" in sections:
+        batching(args.requests)
+    if "3" in sections:
+        exact_cost(args.concurrent, runs=3, steps=8)
 
 
 if __name__ == "__main__":

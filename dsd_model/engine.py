@@ -1,9 +1,18 @@
-"""The serving engine: one per model replica, owning the pipeline on one worker thread.
+"""The serving engine: one per model replica, owning the pipeline on three threads.
 
-Requests are batched at every denoising step (continuous batching): at each step boundary the engine drops
-cancelled and expired requests, admits compatible waiting requests (same canvas size and adapter) up to a row
-budget, runs one batched forward through `DSDPipeline.step`, and finishes the requests whose schedules ended.
-Requests with different step counts, seeds, guidance and CFG scales share forwards.
+- The denoising thread only runs forwards. At every step boundary it drops cancelled and expired requests, admits
+  prepared waiting requests that fit (same canvas size and adapter) up to a row budget, runs one `DSDPipeline.step`,
+  and hands the requests whose schedules ended to the finishing thread. Requests with different step counts, seeds,
+  guidance and CFG scales share forwards. With nothing to run it sleeps on the engine's condition (until the next
+  deadline at most); it never polls.
+- The preparing thread runs `DSDPipeline.prepare` for the first `prepare_ahead` waiting requests: latent-cache
+  lookups in Redis, VAE encode, prompt encode, noise. A request is admitted only once prepared, so none of that
+  stalls the running batch.
+- The finishing thread runs `DSDPipeline.finish` (VAE decode) and resolves each request's future.
+
+One request's fate is its own: a fault while preparing, stepping or decoding one request fails that request only
+(a forward that raises is retried with each request alone), a cancelled or expired request leaves at the next step
+boundary, and a future whose waiter cancelled it cancels its request and is never an error to resolve.
 
 Adapters take turns: the running batch admits requests of its own kind only while the oldest waiting request is
 of the same kind; otherwise it drains and the next batch takes the oldest waiting request's kind.
@@ -20,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Literal
 
@@ -28,7 +37,9 @@ import torch
 from PIL import Image
 
 from . import metrics
-from .errors import DeadlineExceeded, Draining, InputError, InternalError, QueueFull, RequestCancelled
+from .errors import (
+    DeadlineExceeded, Draining, InputError, InternalError, QueueFull, RequestCancelled,
+)
 from .pipeline import DenoiseState, DSDPipeline, GenerationRequest, validate_request
 
 if TYPE_CHECKING:
@@ -47,6 +58,9 @@ class EngineConfig:
     """`step`: admit at every step boundary, return each result when its own schedule ends. `request`: admit only
     into an empty batch and return the batch's results together (whole-request batching, what adaptive/dynamic
     batchers do; kept for comparison)."""
+    prepare_ahead: int = 8
+    """Waiting requests prepared before a batch slot frees for them; each holds its noise, condition latents and
+    prompt embeddings meanwhile. As many as can join at one step boundary (`max_batch_rows` one-row requests)."""
     warmup_steps: int = 2
 
     def __post_init__(self):
@@ -56,11 +70,14 @@ class EngineConfig:
             raise ValueError(f"max_queue must be >= 1 (a request waits in the queue until admitted), got {self.max_queue}")
         if self.batching not in ("step", "request"):
             raise ValueError(f"batching must be 'step' or 'request', got {self.batching!r}")
+        if self.prepare_ahead < 1:
+            raise ValueError(f"prepare_ahead must be >= 1 (a request is prepared before it runs), got {self.prepare_ahead}")
 
 
 @dataclass
 class Event:
-    """A progress event: `queued` (with `position`), `started`, `step` (i of total), `done` or `failed`."""
+    """A progress event: `queued` (with `position`), `started`, `step` (i of total), `done` or `failed`; `at` is its
+    `time.monotonic()` instant."""
 
     kind: Literal["queued", "started", "step", "done", "failed"]
     request_id: str
@@ -68,11 +85,13 @@ class Event:
     step: int = 0
     total: int = 0
     error: str = ""
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class Job:
-    """One submitted request: its future, its progress events, and a cancel switch."""
+    """One submitted request: its future, its progress events, and a cancel switch. Cancelling `future` cancels the
+    job too."""
 
     request: GenerationRequest
     request_id: str
@@ -84,9 +103,13 @@ class Job:
     started: float | None = None
     finished: float | None = None
     state: DenoiseState | None = None
+    _wake: Callable[[], None] = lambda: None
     _history: list[Event] = field(default_factory=list)
     _listeners: list[Callable[[Event], None]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        self.future.add_done_callback(lambda future: future.cancelled() and self.cancel())
 
     @property
     def key(self) -> tuple:
@@ -106,6 +129,7 @@ class Job:
         deadline fired first (a gRPC deadline), so the job ends as timed out rather than cancelled."""
         self.cancel_reason = reason
         self.cancelled.set()
+        self._wake()
 
     def emit(self, event: Event) -> None:
         with self._lock:
@@ -114,8 +138,14 @@ class Job:
         for listener in listeners:
             listener(event)
 
-    async def result(self) -> "JobResult":
-        return await asyncio.wrap_future(self.future)
+    async def result(self, cancel_reason: Callable[[], str] = lambda: "cancelled") -> "JobResult":
+        """The job's result. Cancelling the wait cancels the job for the reason `cancel_reason()` gives then; the
+        engine's future itself is shielded, so the reason is set before the job is cancelled."""
+        try:
+            return await asyncio.shield(asyncio.wrap_future(self.future))
+        except asyncio.CancelledError:
+            self.cancel(cancel_reason())
+            raise
 
     async def events(self) -> AsyncIterator[Event]:
         """Every event of this job, from the first, ending after `done` or `failed`."""
@@ -151,8 +181,8 @@ class JobResult:
 
 
 class Engine:
-    """Owns `pipe` on one worker thread; see the module docstring for the batching policy. With a `latent_cache`,
-    requests that carry an `image_digest` take their condition latents from it."""
+    """Owns `pipe`; see the module docstring for its threads and the batching policy. With a `latent_cache`,
+    requests that carry an `image_digest` take their condition latents from it (on the preparing thread)."""
 
     def __init__(self, pipe: DSDPipeline, config: EngineConfig | None = None,
                  latent_cache: LatentCache | None = None):
@@ -161,8 +191,9 @@ class Engine:
         self.latent_cache = latent_cache
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
+        self._finishing: deque[Job] = deque()
         self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._draining = False
         self._stopped = False
         self._ready = threading.Event()
@@ -171,16 +202,19 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, warmup: bool = True) -> None:
-        """Start the worker thread; with `warmup`, run one short generation per adapter before `ready`."""
-        if self._thread is not None:
+        """Start the threads; with `warmup`, run one short generation per adapter before `ready`."""
+        if self._threads:
             raise RuntimeError("engine already started")
-        self._thread = threading.Thread(target=self._run, name="dsd-engine", daemon=True)
-        self._thread.start()
+        for name, loop in (("denoise", self._denoise_loop), ("prepare", self._prepare_loop),
+                           ("finish", self._finish_loop)):
+            self._threads.append(threading.Thread(target=loop, name=f"dsd-engine-{name}", daemon=True))
+        for thread in self._threads:
+            thread.start()
         if warmup:
             self._warm_up()
         self._ready.set()
-        logger.info("engine ready (max_batch_rows=%d, max_queue=%d)", self.config.max_batch_rows,
-                    self.config.max_queue)
+        logger.info("engine ready (max_batch_rows=%d, max_queue=%d, prepare_ahead=%d)", self.config.max_batch_rows,
+                    self.config.max_queue, self.config.prepare_ahead)
 
     def _warm_up(self) -> None:
         image = Image.new("RGB", (64, 64), (127, 127, 127))
@@ -204,24 +238,28 @@ class Engine:
             self._lock.notify_all()
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Stop admitting, let queued and running requests finish (deadlines still apply), stop the worker.
+        """Stop admitting, let queued and running requests finish (deadlines still apply), stop the threads.
         Returns False when `timeout` passed first; what was left is then cancelled."""
         self.stop_admitting()
         end = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._waiting or self._running:
+            while self._busy:
                 remaining = None if end is None else end - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                self._lock.wait(remaining if remaining is not None else 0.5)
-            clean = not (self._waiting or self._running)
+                self._lock.wait(remaining)
+            clean = not self._busy
             for job in list(self._waiting) + self._running:
-                job.cancel()
+                job.cancelled.set()
             self._stopped = True
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
         return clean
+
+    @property
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._running or self._finishing)
 
     # ------------------------------------------------------------------ admission
 
@@ -232,7 +270,7 @@ class Engine:
         if request.adapter is not None and request.adapter not in self.pipe.adapters.names:
             raise InputError("adapter", f"{request.adapter!r} is not loaded; loaded: {self.pipe.adapters.names}")
         job = Job(request=request, request_id=request_id or uuid.uuid4().hex, deadline=deadline,
-                  submitted=time.monotonic())
+                  submitted=time.monotonic(), _wake=self._wake)
         with self._lock:
             if self._draining or self._stopped:
                 metrics.REQUESTS_REJECTED.labels(reason="draining").inc()
@@ -247,6 +285,10 @@ class Engine:
         job.emit(Event("queued", job.request_id, position=position, total=request.num_inference_steps))
         return job
 
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
     def _retry_after(self) -> float:
         """Seconds until a queue slot is likely free: one average request time per batch of waiting requests."""
         per_request = self._request_seconds or 1.0
@@ -259,41 +301,46 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Requests admitted and not yet resolved: denoising or being decoded."""
+        return len(self._running) + len(self._finishing)
 
-    # ------------------------------------------------------------------ the worker
+    # ------------------------------------------------------------------ the threads
 
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopped and not self._waiting and not self._running:
-                    self._lock.wait()
-                if self._stopped and not self._running and not self._waiting:
-                    return
-                self._drop_finished_early()
-                admitted = self._admit()
-            try:
-                self._prepare(admitted)
-            except Exception:  # a fault while preparing fails the admitted requests, never the engine
-                logger.exception("preparing %s failed", [job.request_id for job in admitted])
-                self._fail_all(admitted)
-            batch = [job for job in self._running if job.state is not None and not job.state.done]
-            try:
-                if batch:
-                    self._step(batch)
-            except Exception:  # a fault in one forward fails its batch, never the engine
-                logger.exception("step of batch %s failed", [job.request_id for job in batch])
-                self._fail_all(batch)
-            with self._lock:
-                self._lock.notify_all()
-
-    def _fail_all(self, jobs: list[Job]) -> None:
+    def _wait_for(self, take: Callable[[], object], timeout: Callable[[], float | None] = lambda: None):
+        """Sleep on the condition until `take()` (called with the lock held) returns work; None once stopped and
+        idle."""
         with self._lock:
-            for job in jobs:
-                if job in self._running:
-                    self._running.remove(job)
-        for job in jobs:
-            self._fail(job, InternalError(job.request_id))
+            while True:
+                work = take()
+                if work:
+                    return work
+                if self._stopped and not self._busy:
+                    return None
+                self._lock.wait(timeout())
+
+    def _denoise_loop(self) -> None:
+        while batch := self._wait_for(self._next_batch, self._until_next_deadline):
+            self._step(batch)
+
+    def _prepare_loop(self) -> None:
+        while job := self._wait_for(self._next_to_prepare):
+            self._prepare(job)
+
+    def _finish_loop(self) -> None:
+        while job := self._wait_for(self._next_to_finish):
+            self._finish(job)
+
+    # ------------------------------------------------------------------ denoising (the denoising thread)
+
+    def _next_batch(self) -> list[Job]:
+        """Drop cancelled and expired jobs, admit, and return the jobs to step (caller holds the lock)."""
+        self._drop_finished_early()
+        self._admit()
+        return [job for job in self._running if not job.state.done]
+
+    def _until_next_deadline(self) -> float | None:
+        deadlines = [job.deadline for job in self._waiting if job.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _drop_finished_early(self) -> None:
         """Remove cancelled and expired jobs from the queue and the batch (caller holds the lock)."""
@@ -303,87 +350,152 @@ class Engine:
                 if job.cancelled.is_set() and job.cancel_reason != "timeout":
                     container.remove(job)
                     metrics.REQUESTS_CANCELLED.inc()
-                    self._fail(job, RequestCancelled(job.request_id))
+                    self._settle(job, error=RequestCancelled(job.request_id))
                 elif job.cancelled.is_set() or (job.deadline is not None and now >= job.deadline):
                     container.remove(job)
                     metrics.REQUESTS_TIMED_OUT.inc()
                     step = job.state.step_index if job.state is not None else 0
-                    self._fail(job, DeadlineExceeded(job.request_id, step, job.request.num_inference_steps))
+                    self._settle(job, error=DeadlineExceeded(job.request_id, step, job.request.num_inference_steps))
         metrics.QUEUE_DEPTH.set(len(self._waiting))
 
-    def _admit(self) -> list[Job]:
-        """Move waiting jobs into the batch, first come first served, while they share the batch's canvas size and
-        adapter and fit the row budget; the first job that does not stops admission, so none is overtaken
-        (caller holds the lock)."""
+    def _admit(self) -> None:
+        """Move prepared waiting jobs into the batch, first come first served, while they share the batch's canvas
+        size and adapter and fit the row budget; the first job that does not (or is not prepared yet) stops
+        admission, so none is overtaken (caller holds the lock)."""
         if not self._waiting or (self.config.batching == "request" and self._running):
-            return []
+            return
         key = self._running[0].key if self._running else self._waiting[0].key
         rows = sum(job.rows for job in self._running)
-        admitted = []
-        while self._waiting and self._waiting[0].key == key and rows + self._waiting[0].rows <= self.config.max_batch_rows:
-            job = self._waiting.popleft()
-            rows += job.rows
-            admitted.append(job)
-        self._running.extend(admitted)
-        metrics.QUEUE_DEPTH.set(len(self._waiting))
-        return admitted
-
-    def _prepare(self, jobs: list[Job]) -> None:
-        if not jobs:
-            return
         now = time.monotonic()
-        for job in jobs:
+        while self._waiting:
+            job = self._waiting[0]
+            if job.state is None or job.key != key or rows + job.rows > self.config.max_batch_rows:
+                break
+            self._waiting.popleft()
+            rows += job.rows
+            self._running.append(job)
             job.started = now
             metrics.QUEUE_WAIT.observe(now - job.submitted)
             job.emit(Event("started", job.request_id, total=job.request.num_inference_steps))
-        self.pipe.set_adapter(jobs[0].request.adapter)
-        requests = [job.request for job in jobs]
-        states = self.pipe.prepare(requests, self._condition_parameters(requests))
-        for job, state in zip(jobs, states):
-            job.state = state
-
-    def _condition_parameters(self, requests: list[GenerationRequest]) -> list[torch.Tensor | None] | None:
-        """Condition-latent distributions through the latent cache: a hit skips the VAE, a miss is encoded once per
-        distinct reference and stored. None where there is no cache or no digest: `prepare` encodes those."""
-        if self.latent_cache is None:
-            return None
-        found: dict[tuple[str, int], torch.Tensor] = {}
-        for request in requests:
-            key = (request.image_digest, request.size)
-            if request.image_digest is None or key in found:
-                continue
-            parameters = self.latent_cache.get(*key)
-            if parameters is None:
-                parameters = self.pipe.encode_condition_distribution(request.image, request.size)
-                self.latent_cache.put(*key, parameters)
-            found[key] = parameters
-        return [found.get((request.image_digest, request.size)) for request in requests]
+        metrics.QUEUE_DEPTH.set(len(self._waiting))
 
     def _step(self, batch: list[Job]) -> None:
+        """One step of `batch`; if the forward raises, each job is stepped alone so that only a job whose own
+        forward fails is failed."""
         self.pipe.set_adapter(batch[0].request.adapter)
         rows = sum(job.state.rows for job in batch)
         started = time.monotonic()
-        self.pipe.step([job.state for job in batch])
-        metrics.STEP_DURATION.observe(time.monotonic() - started)
-        metrics.BATCH_ROWS.observe(rows)
-        for job in batch:
+        try:
+            self.pipe.step([job.state for job in batch])
+            stepped = batch
+        except Exception:
+            logger.exception("step of %s failed%s", [job.request_id for job in batch],
+                             "; stepping each request alone" if len(batch) > 1 else "")
+            stepped = [job for job in batch if self._step_alone(job)] if len(batch) > 1 else []
+        else:
+            metrics.STEP_DURATION.observe(time.monotonic() - started)
+            metrics.BATCH_ROWS.observe(rows)
+        for job in stepped:
             job.emit(Event("step", job.request_id, step=job.state.step_index, total=job.state.num_steps))
-        finished = [job for job in self._running if job.state is not None and job.state.done]
-        if self.config.batching == "request" and len(finished) < len(self._running):
-            finished = []  # a whole-request batch returns all its results together, when its longest request ends
-        for job in finished:
-            image = self.pipe.finish(job.state)
-            with self._lock:
+        failed = [job for job in batch if job not in stepped]
+        with self._lock:
+            for job in failed:
                 self._running.remove(job)
-            job.finished = time.monotonic()
-            run = job.finished - job.started
-            self._request_seconds = run if not self._request_seconds else 0.8 * self._request_seconds + 0.2 * run
-            job.future.set_result(JobResult(image=image, seed=job.state.seed, request_id=job.request_id,
-                                            queue_seconds=job.started - job.submitted, run_seconds=run))
-            job.emit(Event("done", job.request_id, step=job.state.num_steps, total=job.state.num_steps))
+            finished = [job for job in self._running if job.state.done]
+            if self.config.batching == "request" and len(finished) < len(self._running):
+                finished = []  # a whole-request batch returns all its results together, when its longest request ends
+            for job in finished:
+                self._running.remove(job)
+                self._finishing.append(job)
+            self._lock.notify_all()
+        for job in failed:
+            self._settle(job, error=InternalError(job.request_id))
 
-    def _fail(self, job: Job, error: EngineError) -> None:
+    def _step_alone(self, job: Job) -> bool:
+        try:
+            self.pipe.step([job.state])
+        except Exception:
+            logger.exception("step of request %s failed", job.request_id)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ preparing (the preparing thread)
+
+    def _next_to_prepare(self) -> Job | None:
+        """The first waiting job not prepared yet, while fewer than `prepare_ahead` prepared jobs wait (caller holds
+        the lock)."""
+        prepared = 0
+        for job in self._waiting:
+            if job.state is not None:
+                prepared += 1
+            elif not job.cancelled.is_set() and prepared < self.config.prepare_ahead:
+                return job
+        return None
+
+    def _prepare(self, job: Job) -> None:
+        try:
+            state = self.pipe.prepare([job.request], [self._condition_parameters(job.request)])[0]
+        except Exception as exc:  # a fault while preparing fails this request, never the engine
+            if not isinstance(exc, InputError):
+                logger.exception("preparing %s failed", job.request_id)
+            with self._lock:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                    metrics.QUEUE_DEPTH.set(len(self._waiting))
+            self._settle(job, error=exc if isinstance(exc, InputError) else InternalError(job.request_id))
+            return
+        with self._lock:
+            job.state = state
+            self._lock.notify_all()
+
+    def _condition_parameters(self, request: GenerationRequest) -> torch.Tensor | None:
+        """Condition-latent distribution through the latent cache: a hit skips the VAE, a miss is encoded and
+        stored. None where there is no cache or no digest: `prepare` encodes those."""
+        if self.latent_cache is None or request.image_digest is None:
+            return None
+        parameters = self.latent_cache.get(request.image_digest, request.size)
+        if parameters is None:
+            parameters = self.pipe.encode_condition_distribution(request.image, request.size)
+            self.latent_cache.put(request.image_digest, request.size, parameters)
+        return parameters
+
+    # ------------------------------------------------------------------ finishing (the finishing thread)
+
+    def _next_to_finish(self) -> Job | None:
+        return self._finishing[0] if self._finishing else None
+
+    def _finish(self, job: Job) -> None:
+        try:
+            image = self.pipe.finish(job.state)
+        except Exception:  # a fault while decoding fails this request, never the engine
+            logger.exception("decoding %s failed", job.request_id)
+            image = None
+        with self._lock:
+            self._finishing.popleft()
+        if image is None:
+            self._settle(job, error=InternalError(job.request_id))
+        else:
+            run = time.monotonic() - job.started
+            self._request_seconds = run if not self._request_seconds else 0.8 * self._request_seconds + 0.2 * run
+            self._settle(job, JobResult(image=image, seed=job.state.seed, request_id=job.request_id,
+                                        queue_seconds=job.started - job.submitted, run_seconds=run))
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _settle(self, job: Job, result: JobResult | None = None, error: Exception | None = None) -> None:
+        """Resolve the job's future, emit its last event, and wake the threads and `drain` (the job has left the
+        engine). A future its waiter already cancelled stays cancelled: nobody waits for the outcome, which is not
+        an error."""
         job.finished = time.monotonic()
-        if not job.future.done():
-            job.future.set_exception(error)
-        job.emit(Event("failed", job.request_id, error=str(error)))
+        try:
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
+        except InvalidStateError:
+            pass
+        if error is None:
+            job.emit(Event("done", job.request_id, step=job.state.num_steps, total=job.state.num_steps))
+        else:
+            job.emit(Event("failed", job.request_id, error=str(error)))
+        self._wake()

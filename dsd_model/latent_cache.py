@@ -94,7 +94,8 @@ def failure_kind(exc: Exception) -> str:
 
 class LatentCache:
     """Posterior parameters of `vae` for (uploaded-bytes digest, size), in Redis at `url`. Used from the engine's
-    worker thread; see the module docstring for the key, the value and the fail-open rules."""
+    preparing thread, never its denoising thread, so a slow Redis delays only the request being prepared (by
+    `timeout_s` at most); see the module docstring for the key, the value and the fail-open rules."""
 
     def __init__(self, url: str, vae: AutoencoderKL, ttl_s: int, max_entry_bytes: int, timeout_s: float,
                  backoff_s: float = 1.0):
@@ -107,6 +108,7 @@ class LatentCache:
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
         self.address = without_credentials(url)
+        self.timeout_s = timeout_s
         self.vae_id = vae_identity(vae)
         self.channels = 2 * vae.config.latent_channels
         self.dtype = vae.dtype

@@ -4,7 +4,8 @@
 calls directly, so there is one implementation of the math:
 
     prepare(requests) -> states    encode prompts, encode the [reference | black] canvas, draw noise, schedule
-    step(states)                   one batched transformer forward over any mix of states, then an Euler update
+    step(states)                   one batched transformer forward over any mix of states (an exact request's
+                                   rows in one of their own), then an Euler update
     finish(state) -> image         unpack, decode, keep the right half
 
 Official facts reproduced (DESIGN.md section 1): the canvas, condition encoding `(z - shift) * scale` then 2x2
@@ -59,6 +60,10 @@ class GenerationRequest:
     image_digest: str | None = None
     """sha256 (hex) of the uploaded image bytes, set by transports; with it the engine looks the condition latents
     up in the latent cache."""
+    exact: bool = False
+    """Run this request's rows in a transformer forward of their own at every step, so its image is byte-identical
+    to the request run alone whatever else shares the step (see `DSDPipeline.step`). Costs throughput: its forward
+    is not batched with other requests'."""
 
     @property
     def uses_cfg(self) -> bool:
@@ -103,6 +108,8 @@ def validate_request(request: GenerationRequest) -> None:
         raise InputError("size", f"{request.size} is not a multiple of {limits.SIZE_MULTIPLE}")
     if request.seed is not None:
         _check_number("seed", request.seed, 0, limits.MAX_SEED, True)
+    if not isinstance(request.exact, bool):
+        raise InputError("exact", f"must be a boolean, got {request.exact!r}")
 
 
 @dataclass
@@ -216,16 +223,21 @@ class DSDPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 hidden states padded to `max_sequence_length` and pooled CLIP embeddings for a list of prompts."""
+        """T5 hidden states padded to `max_sequence_length` and pooled CLIP embeddings for a list of prompts.
+
+        Each prompt is encoded as a batch of one, so a prompt's embedding never depends on the prompts encoded with
+        it (batched kernels round differently per batch shape); the embeddings are what every later step reads."""
+        encoded = [self._encode_one_prompt(prompt) for prompt in prompts]
+        return torch.cat([embeds for embeds, _ in encoded]), torch.cat([pooled for _, pooled in encoded])
+
+    def _encode_one_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         device = self._execution_device
         t5_ids = self.tokenizer_2(
-            list(prompts), padding="max_length", max_length=self.max_sequence_length, truncation=True,
-            return_tensors="pt",
+            [prompt], padding="max_length", max_length=self.max_sequence_length, truncation=True, return_tensors="pt"
         ).input_ids
         prompt_embeds = self.text_encoder_2(t5_ids.to(device), output_hidden_states=False)[0]
         clip_ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer_max_length, truncation=True,
-            return_tensors="pt",
+            [prompt], padding="max_length", max_length=self.tokenizer_max_length, truncation=True, return_tensors="pt"
         ).input_ids
         pooled = self.text_encoder(clip_ids.to(device), output_hidden_states=False).pooler_output
         dtype = self.transformer.dtype
@@ -240,12 +252,9 @@ class DSDPipeline(DiffusionPipeline):
                 hit = self._prompt_cache.get((prompt, self.max_sequence_length))
                 if hit is not None:
                     found[prompt] = hit
-        missing = [p for p in unique if p not in found]
-        if missing:
-            embeds, pooled = self.encode_prompt(missing)
-            for i, prompt in enumerate(missing):
-                # copies, so that a cached row does not keep its whole batch alive
-                found[prompt] = (embeds[i : i + 1].clone(), pooled[i : i + 1].clone())
+        for prompt in unique:
+            if prompt not in found:
+                found[prompt] = self._encode_one_prompt(prompt)
                 if self._prompt_cache is not None:
                     self._prompt_cache.put((prompt, self.max_sequence_length), found[prompt])
         return found
@@ -353,17 +362,28 @@ class DSDPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def step(self, states: Sequence[DenoiseState]) -> None:
-        """Advance every state by one denoising step with one transformer forward.
+        """Advance every state by one denoising step.
 
         States may differ in prompt, seed, step count, position in their schedule, guidance and CFG scales; they must
         share the canvas size and the active adapter (`DenoiseState.canvas_key`). A CFG state contributes three rows
-        (negative prompt without condition, negative prompt with condition, prompt with condition).
+        (negative prompt without condition, negative prompt with condition, prompt with condition). The states share
+        one transformer forward, except that each `exact` request gets a forward of its own, which makes its result
+        byte-identical to the request run alone. The step is all or nothing: if a forward raises, no state moves.
         """
         if not states:
             return
         keys = {s.canvas_key for s in states}
         if len(keys) != 1:
             raise ValueError(f"states of different canvas sizes or adapters cannot share a forward: {sorted(keys)}")
+        shared = [s for s in states if not s.request.exact]
+        groups = ([shared] if shared else []) + [[s] for s in states if s.request.exact]
+        updated = [(state, latents) for group in groups for state, latents in zip(group, self._updated_latents(group))]
+        for state, latents in updated:
+            state.latents = latents
+            state.step_index += 1
+
+    def _updated_latents(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
+        """The latents of `states` after one Euler step, from one batched forward over their rows."""
         hidden, text, pooled, timestep, guidance = [], [], [], [], []
         for state in states:
             x, c = state.latents, state.condition
@@ -395,6 +415,7 @@ class DSDPipeline(DiffusionPipeline):
             return_dict=False,
         )[0]
 
+        updated = []
         row = 0
         for state in states:
             if state.rows == 3:
@@ -407,9 +428,8 @@ class DSDPipeline(DiffusionPipeline):
                 row += 1
             sigma = state.sigmas[state.step_index]
             sigma_next = state.sigmas[state.step_index + 1]
-            updated = state.latents.to(torch.float32) + (sigma_next - sigma) * pred
-            state.latents = updated.to(pred.dtype)
-            state.step_index += 1
+            updated.append((state.latents.to(torch.float32) + (sigma_next - sigma) * pred).to(pred.dtype))
+        return updated
 
     @torch.no_grad()
     def decode(self, state: DenoiseState) -> torch.Tensor:
@@ -454,6 +474,7 @@ class DSDPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         full_canvas: bool = False,
         adapter: str | None = None,
+        exact: bool | Sequence[bool] = False,
         output_type: str = "pil",
         callback_on_step_end: Callable[["DSDPipeline", int, list[DenoiseState]], None] | None = None,
         return_dict: bool = True,
@@ -467,12 +488,15 @@ class DSDPipeline(DiffusionPipeline):
         right half of the decoded canvas, or the whole canvas with `full_canvas=True`. `output_type`: "pil", "pt"
         (float tensors in [0, 1]) or "np".
 
+        Images that share a forward may differ from the same image generated alone by float rounding (README,
+        "Reproducibility"); an image with `exact=True` runs in forwards of its own and equals it byte for byte.
+
         `callback_on_step_end(pipe, step, states)` runs after each batched forward.
         """
         # 1. Check inputs and build one request per image
         requests = self._requests(
             image, prompt, negative_prompt, num_inference_steps, guidance_scale, image_guidance_scale,
-            text_guidance_scale, size, seed, generator, latents, full_canvas, adapter,
+            text_guidance_scale, size, seed, generator, latents, full_canvas, adapter, exact,
         )
         if output_type not in ("pil", "pt", "np"):
             raise InputError("output_type", f"{output_type!r} is not one of 'pil', 'pt', 'np'")
@@ -507,7 +531,7 @@ class DSDPipeline(DiffusionPipeline):
 
     def _requests(
         self, image, prompt, negative_prompt, steps, guidance, image_guidance, text_guidance, size, seed, generator,
-        latents, full_canvas, adapter,
+        latents, full_canvas, adapter, exact,
     ) -> list[GenerationRequest]:
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
@@ -551,13 +575,14 @@ class DSDPipeline(DiffusionPipeline):
                 latents=latents[i : i + 1] if latents is not None else None,
                 full_canvas=full_canvas,
                 adapter=adapter,
+                exact=ex,
             )
-            for i, (img, p, n, s, g, ig, tg, sd) in enumerate(
+            for i, (img, p, n, s, g, ig, tg, sd, ex) in enumerate(
                 zip(
                     images, prompts, per_image("negative_prompt", negative_prompt),
                     per_image("num_inference_steps", steps), per_image("guidance_scale", guidance),
                     per_image("image_guidance_scale", image_guidance), per_image("text_guidance_scale", text_guidance),
-                    seeds,
+                    seeds, per_image("exact", exact),
                 )
             )
         ]

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
         "official settings, so clients retry elsewhere instead of waiting minutes.",
     )
     batching: Literal["step", "request"] = Field("step", description="`request` = whole-request batching (comparison).")
+    prepare_ahead: int = Field(
+        8, ge=1, le=256, description="Waiting requests prepared (prompt and reference encoded) off the denoising "
+        "thread before they are admitted; 8 covers a full batch of one-row joiners at one step boundary, and each "
+        "holds only its latents and embeddings (about 5 MiB at the official canvas in bfloat16).",
+    )
 
     # ---- caches
     redis_url: str | None = Field(

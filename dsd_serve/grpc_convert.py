@@ -20,7 +20,8 @@ MODES = {pb.MODE_IDENTITY: "identity", pb.MODE_STRUCTURE: "structure"}
 FORMATS = {pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_JPEG: "jpeg", pb.OUTPUT_FORMAT_WEBP: "webp"}
 MODE_VALUES = {name: value for value, name in MODES.items()}
 FORMAT_VALUES = {name: value for value, name in FORMATS.items()}
-OPTIONAL_FIELDS = ("steps", "guidance", "image_guidance", "text_guidance", "seed", "size", "num_images", "consent")
+OPTIONAL_FIELDS = ("steps", "guidance", "image_guidance", "text_guidance", "seed", "size", "num_images", "consent",
+                   "exact")
 """Fields whose absence means the default; the others default when they hold proto3's zero value."""
 
 

@@ -83,7 +83,7 @@ class Submission:
         """Wait for every image; if the wait is cancelled (client gone, or the transport's deadline fired) the jobs are
         cancelled too, for the reason `cancel_reason()` gives then."""
         try:
-            results: list[JobResult] = await asyncio.gather(*(job.result() for job in self.jobs))
+            results: list[JobResult] = await asyncio.gather(*(job.result(cancel_reason) for job in self.jobs))
         except BaseException:
             self.cancel(cancel_reason())
             raise
@@ -110,6 +110,7 @@ class Runtime:
                 max_batch_rows=self.settings.max_batch_rows,
                 max_queue=self.settings.max_queue,
                 batching=self.settings.batching,
+                prepare_ahead=self.settings.prepare_ahead,
             ),
             latent_cache=open_latent_cache(self.settings, self.pipe.vae),
         )
@@ -162,6 +163,7 @@ class Runtime:
                     seed=(first_seed + index) % (limits.MAX_SEED + 1),
                     adapter=adapter,
                     image_digest=image_digest,
+                    exact=params.exact,
                 )
                 jobs.append(
                     self.engine.submit(request, deadline=arrived + deadline_s, request_id=f"{request_id}-{index}")

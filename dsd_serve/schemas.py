@@ -30,6 +30,10 @@ class GenerateParams(BaseModel):
     num_images: Annotated[int, Field(ge=1, le=16)] = 1
     output_format: OutputFormat = "png"
     deadline_s: Annotated[float, Field(gt=0)] | None = None
+    exact: bool = Field(
+        False, description="run this request's rows in forwards of their own: the image is byte-identical to the "
+        "same request run alone, whatever else the server runs (slower under load)",
+    )
     consent: bool = Field(False, description="the person shown in the reference agreed to this use (needed when the "
                           "service's input check flags the reference as showing a real person)")
 

@@ -259,8 +259,8 @@ def test_prompt_embeddings_are_reused_and_bounded(fresh_pipe):
     assert torch.equal(states[0].pooled_prompt_embeds, fresh[1])
     assert counter("dsd_prompt_cache_hits_total") - hits == 1 and counter("dsd_prompt_cache_misses_total") - misses == 1
 
-    assert prepare("b", cfg=True)[1] == 1
-    assert prepare("c", "d")[1] == 1
+    assert prepare("b", cfg=True)[1] == 2, "the prompt and the empty negative prompt, each encoded alone"
+    assert prepare("c", "d")[1] == 2
     assert len(cache) == 3
     assert prepare("d", cfg=True)[1] == 0, "the pinned empty negative prompt must survive evictions"
     assert prepare("a red toy")[1] == 1, "the least recently used prompt is evicted"
@@ -299,3 +299,33 @@ def test_http_second_request_with_the_same_reference_is_a_hit(tmp_path, store, r
         assert key.decode().endswith(f":64:{hashlib.sha256(reference).hexdigest()}")
     finally:
         assert server.stop() == 0, server.log_tail()
+
+
+def test_a_stalled_redis_costs_running_requests_nothing(store, redis_server, fresh_pipe, engine_with):
+    """Redis accepts connections but never answers (SIGSTOP): the running request keeps stepping at its pace, a new
+    request waits at most the timeout for its lookup and is served without the cache; after SIGCONT it is used."""
+    cache = latent_cache(redis_server.url, fresh_pipe.vae, timeout_s=1.0, backoff_s=0.1)
+    engine = engine_with(cache)
+    run(engine, request(seed=3))  # stores the reference's latents
+    running = engine.submit(request(seed=1, digest=False, num_inference_steps=100, image_guidance_scale=2.0))
+    until = time.monotonic() + 30
+    while running.state is None or running.state.step_index < 5:
+        assert time.monotonic() < until
+        time.sleep(0.01)
+    timeouts = counter("dsd_cache_errors_total", operation="get", kind="timeout")
+    redis_server.pause()
+    try:
+        stalled = run(engine, request(seed=3))
+    finally:
+        redis_server.resume()
+    assert counter("dsd_cache_errors_total", operation="get", kind="timeout") - timeouts == 1
+    assert stalled.finished - stalled.submitted < cache.timeout_s + 2.0
+    steps = [e.at for e in running.history if e.kind == "step" and stalled.submitted <= e.at <= stalled.finished]
+    gaps = np.diff(steps)
+    assert len(steps) >= 10 and gaps.max() < cache.timeout_s / 2, (len(steps), gaps.max())
+
+    time.sleep(cache.backoff_s)
+    hits = counter("dsd_cache_hits_total")
+    run(engine, request(seed=4))
+    assert counter("dsd_cache_hits_total") - hits == 1
+    running.cancel()

@@ -12,6 +12,7 @@ from dsd_model.engine import (
 )
 from dsd_model.tiny import tiny_lora_state_dict
 from helpers import random_image
+from test_engine_stress import STAGES, FaultyPipeline
 from test_pipeline import BATCH_TOLERANCE
 
 
@@ -78,7 +79,7 @@ def as_tensor(image) -> torch.Tensor:
 def test_staggered_requests_share_steps_and_equal_solo_results(engine, adapted_pipe):
     eng = engine(max_batch_rows=12)
     requests = [
-        req(1, num_inference_steps=6),
+        req(1, num_inference_steps=40),
         req(2, num_inference_steps=3, image_guidance_scale=2.0, text_guidance_scale=1.5),
         req(3, num_inference_steps=5, guidance_scale=5.0),
         req(4, num_inference_steps=4, image_guidance_scale=1.5),
@@ -192,6 +193,54 @@ def test_whole_request_batching_waits_for_an_empty_batch(engine):
     second = eng.submit(req(2, num_inference_steps=2))
     third = eng.submit(req(3, num_inference_steps=5))
     second.future.result(timeout=30)
-    assert second.started >= first.finished
+    last_step = [event for event in first.history if event.kind == "step"][-1]
+    assert last_step.step == 8 and second.started >= last_step.at  # the first batch's decode may overlap
     assert third.state.done  # the batch's results come back together, after its longest request
     third.future.result(timeout=30)
+
+
+def test_exact_request_in_a_busy_engine_equals_it_alone(engine, adapted_pipe):
+    eng = engine(max_batch_rows=12)
+    exact = req(7, num_inference_steps=4, image_guidance_scale=2.0, exact=True)
+    alone = adapted_pipe(exact.image, exact.prompt, num_inference_steps=4, image_guidance_scale=2.0, size=64,
+                         seed=7, adapter="identity").images[0]
+    busy = [eng.submit(req(i, num_inference_steps=8, image_guidance_scale=1.5 if i % 2 else 1.0)) for i in range(3)]
+    wait_for(busy[0], "step")
+    job = eng.submit(exact)
+    later = [eng.submit(req(i, num_inference_steps=3)) for i in range(3, 5)]
+    result = job.future.result(timeout=60)
+    for other in busy + later:
+        other.future.result(timeout=60)
+    assert job.started < max(other.finished for other in busy + later)  # it stepped while others ran
+    # its rows ran in forwards of their own, of the same shapes as alone: equal bit for bit
+    assert np.array_equal(np.asarray(result.image), np.asarray(alone))
+
+
+def test_a_failing_decode_fails_that_request_only(fresh_pipe):
+    pipe = FaultyPipeline(**fresh_pipe.components)
+    pipe.faults = {stage: set() for stage in STAGES} | {"finish": {"a toy number 2"}}
+    eng = Engine(pipe, EngineConfig(batching="request", max_batch_rows=12))
+    eng.start(warmup=False)
+    try:
+        jobs = [eng.submit(req(i, num_inference_steps=i + 1, adapter=None)) for i in range(1, 4)]
+        assert jobs[0].future.result(timeout=30).seed == 1 and jobs[2].future.result(timeout=30).seed == 3
+        with pytest.raises(InternalError, match=jobs[1].request_id):
+            jobs[1].future.result(timeout=30)
+        wait_until(lambda: eng.running == 0)
+        assert eng.submit(req(4, num_inference_steps=2, adapter=None)).future.result(timeout=30).seed == 4
+    finally:
+        eng.drain(timeout=10)
+
+
+def test_drain_wakes_when_cancelled_requests_leave(engine):
+    eng = engine(max_batch_rows=3)
+    running = eng.submit(req(1, num_inference_steps=100, image_guidance_scale=2.0))
+    waiting = eng.submit(req(2, num_inference_steps=100))
+    wait_for(running, "step")
+    running.future.cancel()  # what a waiter's cancellation does (asyncio.wrap_future)
+    waiting.cancel()
+    started = time.monotonic()
+    assert eng.drain()
+    assert time.monotonic() - started < 5
+    assert running.future.cancelled() and isinstance(waiting.future.exception(), RequestCancelled)
+    assert max(e.step for e in running.history) < 100 and eng.running == eng.queue_depth == 0

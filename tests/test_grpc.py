@@ -1,6 +1,7 @@
 """The gRPC API on the real BentoML server (loopback, tiny profile): results, progress, status codes, health."""
 
 import base64
+import concurrent.futures
 import datetime
 import ipaddress
 import logging
@@ -120,6 +121,24 @@ def test_unary_equals_rest_and_stream(main):
 
     events = list(main.stub.GenerateStream(request(), metadata=AUTH, timeout=120))
     assert list(events[-1].result.images) == list(response.images) and list(events[-1].result.seeds) == [5]
+
+
+def test_exact_request_under_load_equals_it_alone_over_both_transports(main):
+    """Concurrent requests share the server's forwards; an exact one still returns the bytes it returns alone."""
+    alone = main.stub.Generate(request(exact=True, steps=4), metadata=AUTH, timeout=120).images[0]
+    rest_body = dict(image=base64.b64encode(REFERENCE).decode(), prompt="the same toy on a beach", steps=4, size=64,
+                     seed=5, exact=True)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        load = [pool.submit(main.stub.Generate, request(seed=100 + i, steps=6, image_guidance=1.5 * (i % 2)),
+                            metadata=AUTH, timeout=120) for i in range(4)]
+        time.sleep(0.05)
+        grpc_exact = pool.submit(main.stub.Generate, request(exact=True, steps=4), metadata=AUTH, timeout=120)
+        rest_exact = pool.submit(httpx.post, f"{main.server.url}/generate", json=rest_body,
+                                 headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+        assert all(len(future.result().images) == 1 for future in load)
+        assert grpc_exact.result().images[0] == alone
+        assert rest_exact.result().status_code == 200, rest_exact.result().text
+        assert base64.b64decode(rest_exact.result().json()["images"][0]) == alone
 
 
 def test_stream_events_are_ordered_and_complete(main):

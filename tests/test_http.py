@@ -113,6 +113,7 @@ def b64(data: bytes) -> str:
         ({"prompt": ""}, 422, "prompt", "at least 1 character"),
         ({"prompt": "x" * 2001}, 422, "prompt", "at most 2000 characters"),
         ({"steps": 0}, 422, "steps", "greater than or equal to 1"),
+        ({"exact": "maybe"}, 422, "exact", "valid boolean"),
         ({"steps": 101}, 422, "steps", "less than or equal to 100"),
         ({"size": 100}, 422, "size", "multiple of 16"),
         ({"size": 2048}, 422, "size", "less than or equal to 1024"),

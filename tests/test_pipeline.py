@@ -13,9 +13,13 @@ from dsd_model.images import center_crop_resize, condition_canvas, to_tensor
 from dsd_model.pipeline import latent_image_ids, pack_latents, unpack_latents
 from helpers import random_image
 
-BATCH_TOLERANCE = 1e-4
-"""A row computed inside a batch differs from the same row computed alone only by float rounding of batched
-kernels; on float32 images in [0, 1] that stays far below one 8-bit level (1/255 ≈ 3.9e-3)."""
+BATCH_TOLERANCE = 2e-5
+"""The reproducibility contract's bound (README, "Reproducibility"): a row computed inside a batch differs from the
+same row computed alone only by float rounding of batched kernels. On the tiny profile's float32 images in [0, 1]
+benchmarks/batch_invariance.py measures at most 1.7e-6 over 142 rows in 40 random batches; the bound leaves room for
+other CPUs' kernels."""
+BATCH_LEVELS = 1
+"""The same bound on 8-bit images: a difference far below one level (1/255) can still flip one rounding."""
 
 
 def request(image, **overrides):
@@ -196,7 +200,26 @@ def test_callback_and_generator(tiny_pipe, reference):
     )
     assert calls == [(0, [1, 1]), (1, [2, 2]), (2, [2, 3])]
     again = tiny_pipe(reference, "a toy", num_inference_steps=2, size=64, seed=result.seeds[0])
-    assert np.array_equal(np.asarray(result.images[0]), np.asarray(again.images[0]))
+    # the first image shared its forwards with the second: equal to the image alone within the contract's bound
+    levels = np.abs(np.asarray(result.images[0], dtype=int) - np.asarray(again.images[0], dtype=int))
+    assert levels.max() <= BATCH_LEVELS
+
+
+def test_prompt_embedding_does_not_depend_on_batch_mates(tiny_pipe):
+    alone = tiny_pipe.encode_prompt(["a toy"])
+    together = tiny_pipe.encode_prompt(["a toy on a long table in the snow", "a toy", "b"])
+    assert torch.equal(together[0][1:2], alone[0]) and torch.equal(together[1][1:2], alone[1])
+
+
+def test_exact_rows_equal_the_request_alone_in_any_batch(tiny_pipe):
+    images = [random_image(seed=i) for i in range(4)]
+    kwargs = dict(num_inference_steps=[3, 4, 2, 4], image_guidance_scale=[2.0, 1.0, 1.0, 1.5], seed=[1, 2, 3, 4],
+                  size=64, output_type="pt")
+    batched = tiny_pipe(images, "a toy", exact=[True, False, False, True], **kwargs)
+    for i in (0, 3):
+        alone = tiny_pipe(images[i], "a toy", **{k: v[i] if isinstance(v, list) else v for k, v in kwargs.items()})
+        # the exact rows ran in forwards of their own, of the same shapes as alone: equal bit for bit
+        assert torch.equal(batched.images[i], alone.images[0]), i
 
 
 def test_save_and_load_offline_round_trip(tiny_pipe, reference, tmp_path):
