@@ -29,12 +29,14 @@ class GenerateParams(BaseModel):
     num_images: Annotated[int, Field(ge=1, le=16)] = 1
     output_format: OutputFormat = "png"
     deadline_s: Annotated[float, Field(gt=0)] | None = None
+    background: Annotated[str, Field(pattern=r"^#[0-9a-fA-F]{6}$", description="colour that transparent parts of "
+                                     "the reference are composited on, #rrggbb")] = "#ffffff"
 
 
 class GenerateJSON(GenerateParams):
     """The JSON body of `POST /generate`: the parameters plus the reference image as base64."""
 
-    image: Annotated[str, Field(min_length=1, description="reference image (PNG, JPEG or WebP), base64")]
+    image: Annotated[str, Field(min_length=1, description="reference image (PNG, JPEG, WebP, GIF or MPO), base64")]
 
 
 class Timings(BaseModel):
@@ -53,6 +55,10 @@ class GenerateResponse(BaseModel):
     request_id: str
     timings: Timings
     notice: str | None = None
+    notices: list[str] = Field(
+        default_factory=list,
+        description="what was done to the inputs, one line each, e.g. `image: transparency composited on #ffffff`",
+    )
 
 
 class ErrorBody(BaseModel):
