@@ -76,7 +76,7 @@ def read_reference(
     square resized to `size`, exactly what `center_crop_resize` makes of the full image, except that JPEGs at least
     twice as large as needed are decoded at a reduced scale (within `DRAFT_TOLERANCE`)."""
     notices: list[str] = []
-    image = data if isinstance(data, Image.Image) else _open(data, field)
+    image = data.copy() if isinstance(data, Image.Image) else _open(data, field)
     check_dimensions(image.size, field)
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
@@ -88,7 +88,7 @@ def read_reference(
         image.load()
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(field, f"{image.format} data is truncated or corrupt ({exc})") from exc
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)
     if size is not None:
         image = center_square(image)
     image = _to_rgb(image, field, background, strict, notices)
@@ -160,9 +160,10 @@ def _to_rgb(image: Image.Image, field: str, background: tuple[int, int, int], st
     elif mode not in RGB_MODES:
         raise InputError(field, f"pixel mode {mode} is not accepted; accepted modes: {', '.join(RGB_MODES)}, "
                                 f"{', '.join(ALPHA_MODES)}, {', '.join(HIGH_DEPTH_MODES)}, F, CMYK")
-    rgb = image.convert("RGB")
-    rgb.info.clear()
-    return rgb
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    image.info.clear()
+    return image
 
 
 def _cmyk_to_rgb(image: Image.Image, field: str, strict: bool, notices: list[str]) -> Image.Image:
