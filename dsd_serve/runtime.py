@@ -12,9 +12,9 @@ import hashlib
 import io
 import logging
 import secrets
-import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -134,7 +134,8 @@ class Runtime:
             ),
             latent_cache=open_latent_cache(self.settings, self.pipe.vae),
         )
-        self._decode_slots = threading.BoundedSemaphore(self.settings.max_concurrent_decodes)
+        self._decoder = ThreadPoolExecutor(self.settings.max_concurrent_decodes, thread_name_prefix="dsd-decode")
+        """Decodes wait here for a thread, so waiting holds no thread of either transport's event loop."""
 
     @property
     def profile(self) -> str:
@@ -150,14 +151,17 @@ class Runtime:
     def drain(self) -> bool:
         return self.engine.drain(timeout=self.settings.drain_timeout_s)
 
-    def read_reference(self, image: bytes, size: int, background: tuple[int, int, int]) -> Reference:
+    async def read_reference(self, image: bytes, size: int, background: tuple[int, int, int]) -> Reference:
         """The reference reduced to the canvas it feeds; at most `max_concurrent_decodes` run at once."""
-        with self._decode_slots:
+
+        def decode() -> Reference:
             try:
                 return read_reference(image, "image", size=size, background=background,
                                       strict=self.settings.strict_images)
             finally:
                 release_free_memory()
+
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, decode)
 
     def check_prompts(self, params: GenerateParams) -> list[str]:
         notices = self.pipe.check_prompt(params.prompt, "prompt")
@@ -182,7 +186,7 @@ class Runtime:
         size = params.size if params.size is not None else self.settings.size
         prompt_notices = await asyncio.to_thread(self.check_prompts, params)
         self.engine.check_admission()
-        reference = await asyncio.to_thread(self.read_reference, image, size, ImageColor.getrgb(params.background))
+        reference = await self.read_reference(image, size, ImageColor.getrgb(params.background))
         image_digest = hashlib.sha256(image).hexdigest()
         first_seed = params.seed if params.seed is not None else secrets.randbelow(limits.MAX_SEED)
         jobs: list[Job] = []
