@@ -152,7 +152,8 @@ def _to_rgb(image: Image.Image, field: str, background: tuple[int, int, int], st
         values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
         image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
     elif mode == "F":
-        _convert(notices, field, strict, "float pixels (mode F)", "float pixels (mode F) read as [0, 1] and scaled to 8 bits")
+        _convert(notices, field, strict, "float pixels (mode F)",
+                 "float pixels (mode F) read as [0, 1] and scaled to 8 bits")
         values = np.clip(np.asarray(image), 0.0, 1.0)
         image = Image.fromarray(np.round(values * 255).astype(np.uint8), "L")
     elif mode == "CMYK":

@@ -98,11 +98,16 @@ def test_rgba_transparency_composited_on_the_background():
     assert np.array_equal(pixels(teal.image), composite(colour, alpha, (10, 200, 30)))
 
 
+def grey_alpha(grey: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.dstack([grey, alpha_ramp(40, 30)]), "LA")
+
+
 def test_la_transparency_composited():
     grey = np.asarray(random_image(40, 30).convert("L"))
-    reference = read_reference(png_bytes(Image.fromarray(np.dstack([grey, alpha_ramp(40, 30)]), "LA")))
+    reference = read_reference(png_bytes(grey_alpha(grey)))
     assert reference.notices == ["image: transparency composited on #ffffff"]
-    assert np.array_equal(pixels(reference.image), composite(np.dstack([grey] * 3), alpha_ramp(40, 30), (255, 255, 255)))
+    expected = composite(np.dstack([grey] * 3), alpha_ramp(40, 30), (255, 255, 255))
+    assert np.array_equal(pixels(reference.image), expected)
 
 
 def test_palette_transparency_composited():
@@ -206,13 +211,19 @@ def convertible() -> list:
     return [
         pytest.param(png_bytes(transparent_image(40, 30)),
                      "transparency \\(mode RGBA, minimum alpha 0\\)", id="rgba"),
+        pytest.param(png_bytes(grey_alpha(np.asarray(palette.convert("L")))),
+                     "transparency \\(mode LA, minimum alpha 0\\)", id="la"),
         pytest.param(png_bytes(palette, transparency=int(np.asarray(palette)[0, 0])),
                      "transparency \\(mode P, minimum alpha 0\\)", id="palette"),
         pytest.param(png_bytes(Image.new("I;16", (40, 30))), "16-bit pixels \\(mode I;16\\)", id="16-bit"),
         pytest.param(Image.new("F", (40, 30)), "float pixels \\(mode F\\)", id="float"),
         pytest.param(cmyk_jpeg(), "CMYK pixels", id="cmyk"),
+        pytest.param(cmyk_jpeg(icc_profile=cmyk_profile(0.2)), "CMYK pixels", id="cmyk-icc"),
         pytest.param(encoded(first, "MPO", save_all=True, append_images=rest), "MPO with 2 frames", id="mpo"),
         pytest.param(encoded(first, "GIF", save_all=True, append_images=rest), "GIF with 2 frames", id="gif"),
+        pytest.param(encoded(first, "WEBP", save_all=True, append_images=rest, lossless=True), "WEBP with 2 frames",
+                     id="webp"),
+        pytest.param(encoded(first, "PNG", save_all=True, append_images=rest), "PNG with 2 frames", id="apng"),
     ]
 
 
