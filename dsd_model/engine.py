@@ -272,12 +272,7 @@ class Engine:
         job = Job(request=request, request_id=request_id or uuid.uuid4().hex, deadline=deadline,
                   submitted=time.monotonic(), _wake=self._wake)
         with self._lock:
-            if self._draining or self._stopped:
-                metrics.REQUESTS_REJECTED.labels(reason="draining").inc()
-                raise Draining()
-            if len(self._waiting) >= self.config.max_queue:
-                metrics.REQUESTS_REJECTED.labels(reason="queue_full").inc()
-                raise QueueFull(len(self._waiting), self._retry_after())
+            self._refuse_when_full()
             self._waiting.append(job)
             position = len(self._waiting)
             metrics.QUEUE_DEPTH.set(len(self._waiting))
@@ -288,6 +283,21 @@ class Engine:
     def _wake(self) -> None:
         with self._lock:
             self._lock.notify_all()
+
+    def check_admission(self) -> None:
+        """Raise `Draining` or `QueueFull` where `submit` would now, without queuing anything: transports call it
+        before costly work (decoding the reference) for a request that would be refused anyway."""
+        with self._lock:
+            self._refuse_when_full()
+
+    def _refuse_when_full(self) -> None:
+        """Count and raise a rejection when no request is admitted (caller holds the lock)."""
+        if self._draining or self._stopped:
+            metrics.REQUESTS_REJECTED.labels(reason="draining").inc()
+            raise Draining()
+        if len(self._waiting) >= self.config.max_queue:
+            metrics.REQUESTS_REJECTED.labels(reason="queue_full").inc()
+            raise QueueFull(len(self._waiting), self._retry_after())
 
     def _retry_after(self) -> float:
         """Seconds until a queue slot is likely free: one average request time per batch of waiting requests."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -218,6 +219,9 @@ class DSDPipeline(DiffusionPipeline):
         """T5 prompt tokens (FLUX.1-dev's 512); `load_pipeline` sets it from the settings."""
         self.tokenizer_max_length = text_encoder.config.max_position_embeddings
         self._prompt_cache = None
+        self._tokenizer_lock = threading.Lock()
+        """Fast tokenizers keep their padding/truncation state between calls; transports count tokens while the
+        engine encodes."""
 
     # ------------------------------------------------------------------ prompt encoding
 
@@ -232,16 +236,32 @@ class DSDPipeline(DiffusionPipeline):
 
     def _encode_one_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         device = self._execution_device
-        t5_ids = self.tokenizer_2(
-            [prompt], padding="max_length", max_length=self.max_sequence_length, truncation=True, return_tensors="pt"
-        ).input_ids
+        with self._tokenizer_lock:
+            t5_ids = self.tokenizer_2(
+                [prompt], padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            clip_ids = self.tokenizer(
+                [prompt], padding="max_length", max_length=self.tokenizer_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids
         prompt_embeds = self.text_encoder_2(t5_ids.to(device), output_hidden_states=False)[0]
-        clip_ids = self.tokenizer(
-            [prompt], padding="max_length", max_length=self.tokenizer_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
         pooled = self.text_encoder(clip_ids.to(device), output_hidden_states=False).pooler_output
         dtype = self.transformer.dtype
         return prompt_embeds.to(dtype=dtype), pooled.to(dtype=dtype)
+
+    def check_prompt(self, prompt: str, field: str = "prompt") -> list[str]:
+        """Refuse a prompt longer than the T5 window (`max_sequence_length` tokens) with an `InputError` naming
+        `field`; return a notice when it is longer than CLIP's window, whose pooled embedding reads only the start."""
+        with self._tokenizer_lock:
+            t5_tokens = len(self.tokenizer_2(prompt, verbose=False).input_ids)
+            clip_tokens = len(self.tokenizer(prompt, verbose=False).input_ids)
+        if t5_tokens > self.max_sequence_length:
+            raise InputError(field, f"is {t5_tokens} T5 tokens long; the limit is {self.max_sequence_length} tokens")
+        if clip_tokens > self.tokenizer_max_length:
+            return [f"{field}: {clip_tokens} CLIP tokens, only the first {self.tokenizer_max_length} reach the pooled "
+                    "CLIP embedding"]
+        return []
 
     def _encode_prompts_cached(self, prompts: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Embeddings per distinct prompt, through the optional in-process cache (`set_prompt_cache`)."""

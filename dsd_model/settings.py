@@ -143,6 +143,16 @@ class Settings(BaseSettings):
         64, ge=1, le=10_000, description="Request bodies read at once per replica before 503; as many as the "
         "admission queue holds, and it bounds body memory and the /tmp spool at 64 x 20 MiB = 1.25 GiB.",
     )
+    strict_images: bool = Field(
+        False, description="Refuse references that need a conversion to 8-bit RGB (transparency, 16-bit or float "
+        "pixels, CMYK, several frames) instead of converting them and reporting it in `notices`; off because product "
+        "backends send such images and the official DSD code converts everything to RGB.",
+    )
+    max_concurrent_decodes: int = Field(
+        2, ge=1, le=64, description="Reference decodes running at once; the rest wait. A 40 MP reference takes up to "
+        "about 0.5 GB while it is decoded, so 2 bound that to about 1 GB, and 2 decodes of typical uploads (under "
+        "0.3 s each) keep ahead of a GPU generating about one image per second.",
+    )
     max_images: int = Field(4, ge=1, le=16, description="Images per request (each is one engine request).")
     default_deadline_s: float = Field(300.0, gt=0, description="Deadline when a request sets none.")
     max_deadline_s: float = Field(600.0, gt=0, description="Largest deadline a request may ask for.")

@@ -35,6 +35,8 @@ def to_params(request: pb.GenerateRequest, time_remaining: float | None, max_dea
         fields["mode"] = MODES.get(request.mode, request.mode)
     if request.output_format != pb.OUTPUT_FORMAT_UNSPECIFIED:
         fields["output_format"] = FORMATS.get(request.output_format, request.output_format)
+    if request.background:
+        fields["background"] = request.background
     if time_remaining is not None:
         fields["deadline_s"] = min(time_remaining, max_deadline_s)
     return GenerateParams.model_validate(fields)
@@ -59,6 +61,7 @@ def to_response(result: GenerationResult, submission: Submission, runtime: Runti
         request_id=submission.request_id,
         timings=pb.Timings(queue_s=result.queue_seconds, run_s=result.run_seconds, total_s=result.total_seconds),
         notice=runtime.notice or "",
+        notices=submission.notices,
     )
 
 

@@ -355,6 +355,7 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
             request_id=request_id,
             timings=Timings(queue_s=result.queue_seconds, run_s=result.run_seconds, total_s=result.total_seconds),
             notice=runtime.notice,
+            notices=submission.notices,
         )
         return JSONResponse(body.model_dump(), headers={"X-Request-ID": request_id})
 

@@ -6,20 +6,23 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import hashlib
 import logging
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from typing import AsyncIterator, Callable
 
-from PIL import Image
+from PIL import Image, ImageColor
 
 from dsd_model import GenerationRequest, InputError, limits
 from dsd_model.engine import Engine, EngineConfig, Event, Job, JobResult
-from dsd_model.images import decode_image
+from dsd_model.images import Reference, read_reference
 from dsd_model.latent_cache import open_latent_cache
 from dsd_model.loading import TINY_NOTICE, adapter_for_mode, load_pipeline
 from dsd_model.outputs import OutputStage
@@ -29,6 +32,17 @@ from dsd_model.settings import Settings
 from .schemas import GenerateParams
 
 logger = logging.getLogger(__name__)
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc `malloc_trim`): the buffers of a large decode are freed
+    in a worker thread's arena, where they would otherwise stay resident. A no-op on other C libraries."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
 
 @dataclass
 class GenerationResult:
@@ -51,6 +65,8 @@ class Submission:
     arrived: float
     finish: Callable[[Image.Image], bytes]
     """Checks, marks, encodes and signs one output image (`OutputStage.finish` bound to this request)."""
+    notices: list[str] = field(default_factory=list)
+    """What was done to the inputs (`dsd_model.images`, `DSDPipeline.check_prompt`), for the response."""
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Cancel every job; `reason` as in `Job.cancel`."""
@@ -115,6 +131,8 @@ class Runtime:
             latent_cache=open_latent_cache(self.settings, self.pipe.vae),
         )
         self.outputs = OutputStage(self.settings)
+        self._decoder = ThreadPoolExecutor(self.settings.max_concurrent_decodes, thread_name_prefix="dsd-decode")
+        """Decodes wait here for a thread, so waiting holds no thread of either transport's event loop."""
 
     @property
     def profile(self) -> str:
@@ -130,9 +148,28 @@ class Runtime:
     def drain(self) -> bool:
         return self.engine.drain(timeout=self.settings.drain_timeout_s)
 
+    async def read_reference(self, image: bytes, size: int, background: tuple[int, int, int]) -> Reference:
+        """The reference reduced to the canvas it feeds; at most `max_concurrent_decodes` run at once."""
+
+        def decode() -> Reference:
+            try:
+                return read_reference(image, "image", size=size, background=background,
+                                      strict=self.settings.strict_images)
+            finally:
+                release_free_memory()
+
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, decode)
+
+    def check_prompts(self, params: GenerateParams) -> list[str]:
+        notices = self.pipe.check_prompt(params.prompt, "prompt")
+        if params.negative_prompt:
+            notices += self.pipe.check_prompt(params.negative_prompt, "negative_prompt")
+        return notices
+
     async def submit(self, params: GenerateParams, image: bytes, request_id: str | None = None) -> Submission:
-        """Validate against the service limits, decode the reference, and queue one engine job per image.
-        Raises `InputError`, `QueueFull` or `Draining` at once."""
+        """Validate against the service limits, refuse at once what the engine would refuse, decode the reference
+        into the canvas it feeds, and queue one engine job per image. Raises `InputError`, `QueueFull` or
+        `Draining` at once."""
         arrived = time.monotonic()
         request_id = request_id or uuid.uuid4().hex
         if params.num_images > self.settings.max_images:
@@ -143,16 +180,18 @@ class Runtime:
         if len(image) > self.settings.max_upload_bytes:
             raise InputError("image", f"{len(image)} bytes exceeds the limit of {self.settings.max_upload_bytes}")
         adapter = adapter_for_mode(self.pipe, params.mode)
-        reference = await asyncio.to_thread(decode_image, image, "image")
-        await asyncio.to_thread(self.outputs.safety.check_input, reference, params.consent, request_id)
-        image_digest = hashlib.sha256(image).hexdigest()
         size = params.size if params.size is not None else self.settings.size
+        prompt_notices = await asyncio.to_thread(self.check_prompts, params)
+        self.engine.check_admission()
+        reference = await self.read_reference(image, size, ImageColor.getrgb(params.background))
+        await asyncio.to_thread(self.outputs.safety.check_input, reference.image, params.consent, request_id)
+        image_digest = hashlib.sha256(image).hexdigest()
         first_seed = params.seed if params.seed is not None else secrets.randbelow(limits.MAX_SEED)
         jobs: list[Job] = []
         try:
             for index in range(params.num_images):
                 request = GenerationRequest(
-                    image=reference,
+                    image=reference.image,
                     prompt=params.prompt,
                     negative_prompt=params.negative_prompt,
                     num_inference_steps=params.steps,
@@ -175,4 +214,5 @@ class Runtime:
         claim = Claim(request_id=request_id, model=self.outputs.model_name, adapter=adapter, profile=self.profile,
                       prompt=params.prompt)
         finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim)
-        return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived, finish=finish)
+        return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived, finish=finish,
+                          notices=reference.notices + prompt_notices)

@@ -36,6 +36,8 @@ class GenerateParams(BaseModel):
     )
     consent: bool = Field(False, description="the person shown in the reference agreed to this use (needed when the "
                           "service's input check flags the reference as showing a real person)")
+    background: Annotated[str, Field(pattern=r"^#[0-9a-fA-F]{6}$", description="colour that transparent parts of "
+                                     "the reference are composited on, #rrggbb")] = "#ffffff"
 
     @field_validator("steps", "guidance", "image_guidance", "text_guidance", "seed", "size", "num_images",
                      "deadline_s", mode="before")
@@ -49,7 +51,7 @@ class GenerateParams(BaseModel):
 class GenerateJSON(GenerateParams):
     """The JSON body of `POST /generate`: the parameters plus the reference image as base64."""
 
-    image: Annotated[str, Field(min_length=1, description="reference image (PNG, JPEG or WebP), base64")]
+    image: Annotated[str, Field(min_length=1, description="reference image (PNG, JPEG, WebP, GIF or MPO), base64")]
 
 
 class Timings(BaseModel):
@@ -68,6 +70,10 @@ class GenerateResponse(BaseModel):
     request_id: str
     timings: Timings
     notice: str | None = None
+    notices: list[str] = Field(
+        default_factory=list,
+        description="what was done to the inputs, one line each, e.g. `image: transparency composited on #ffffff`",
+    )
 
 
 class ErrorBody(BaseModel):

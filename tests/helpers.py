@@ -13,6 +13,16 @@ def random_image(width: int = 96, height: int = 80, seed: int = 0) -> Image.Imag
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def alpha_ramp(width: int = 96, height: int = 80) -> np.ndarray:
+    """An alpha channel in which every value from 0 to 255 appears."""
+    return (np.arange(width * height) % 256).reshape(height, width).astype(np.uint8)
+
+
+def transparent_image(width: int = 96, height: int = 80, seed: int = 0) -> Image.Image:
+    """`random_image` with `alpha_ramp` as alpha."""
+    return Image.fromarray(np.dstack([np.asarray(random_image(width, height, seed)), alpha_ramp(width, height)]), "RGBA")
+
+
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **kwargs)

@@ -28,7 +28,7 @@ from dsd_serve.grpc_server import GrpcServer, server_credentials, status_for
 from dsd_serve.grpc_stubs import dsd_pb2 as pb
 from dsd_serve.grpc_stubs import dsd_pb2_grpc
 from dsd_serve.runtime import Runtime
-from helpers import png_bytes, random_image
+from helpers import png_bytes, random_image, transparent_image
 from servers import ROOT, Server, start_service, wait_ready
 
 KEY = "test-key-0123456789"
@@ -168,6 +168,8 @@ def test_stream_events_are_ordered_and_complete(main):
         ({"num_images": 5}, "num_images", "limit of 4"),
         ({"mode": 7}, "mode", "'identity' or 'structure'"),
         ({"output_format": 9}, "output_format", "'png', 'jpeg' or 'webp'"),
+        ({"prompt": "a" * 600}, "prompt", "is 602 T5 tokens long; the limit is 512 tokens"),
+        ({"background": "white"}, "background", "should match pattern"),
     ],
 )
 def test_bad_input_is_invalid_argument_naming_the_field(main, overrides, field, message):
@@ -176,6 +178,16 @@ def test_bad_input_is_invalid_argument_naming_the_field(main, overrides, field, 
     assert error.details().startswith(f"{field}: ") and message in error.details()
     trailing = dict(error.trailing_metadata())
     assert trailing["field"] == field and trailing["x-request-id"]
+
+
+def test_conversions_are_reported_in_notices(main):
+    response = main.stub.Generate(request(image=png_bytes(transparent_image()), background="#102030", prompt="a" * 100),
+                                  metadata=AUTH, timeout=120)
+    assert list(response.notices) == [
+        "image: transparency composited on #102030",
+        "prompt: 102 CLIP tokens, only the first 77 reach the pooled CLIP embedding",
+    ]
+    assert list(main.stub.Generate(request(), metadata=AUTH, timeout=120).notices) == []
 
 
 def test_api_key_is_required(main):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from dsd_model.loading import load_pipeline
 from dsd_model.settings import Settings
-from helpers import png_bytes, random_image
+from helpers import png_bytes, random_image, transparent_image
 from servers import start_service, wait_ready
 from test_inputs import png_header
 
@@ -129,6 +129,9 @@ def b64(data: bytes) -> str:
         ({"guidance": False}, 422, "guidance", "not a boolean; accepted: number from 0.0 to 20.0"),
         ({"image": "data:image/png," + b64(REFERENCE)}, 422, "image", "data URI that is not base64"),
         ({"image": "data:image/png;base64,@@@"}, 422, "image", "not valid base64"),
+        ({"prompt": "a" * 600}, 422, "prompt", "is 602 T5 tokens long; the limit is 512 tokens"),
+        ({"negative_prompt": "a" * 600}, 422, "negative_prompt", "the limit is 512 tokens"),
+        ({"background": "white"}, 422, "background", "should match pattern"),
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_field(server, overrides, status, field, message):
@@ -138,6 +141,16 @@ def test_bad_input_is_a_4xx_naming_the_field(server, overrides, status, field, m
     assert error["field"] == field
     assert message in error["message"]
     assert error["request_id"]
+
+
+def test_conversions_are_reported_in_notices(server):
+    assert post(server, body()).json()["notices"] == []
+    response = post(server, body(image=b64(png_bytes(transparent_image())), background="#102030", prompt="a" * 100))
+    assert response.status_code == 200, response.text
+    assert response.json()["notices"] == [
+        "image: transparency composited on #102030",
+        "prompt: 102 CLIP tokens, only the first 77 reach the pooled CLIP embedding",
+    ]
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])

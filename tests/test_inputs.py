@@ -1,4 +1,5 @@
-"""Every class of bad input gets an `InputError` naming the field and the limit; nothing is corrected silently."""
+"""Bad input gets an `InputError` naming the field and the limit; images that need a conversion to 8-bit RGB get the
+documented one and a notice (a refusal in strict mode); the reference kept is only the canvas it feeds."""
 
 import io
 import struct
@@ -9,9 +10,9 @@ import pytest
 from PIL import Image
 
 from dsd_model import GenerationRequest, InputError
-from dsd_model.images import decode_image
+from dsd_model.images import DRAFT_TOLERANCE, condition_canvas, decode_image, read_reference
 from dsd_model.pipeline import validate_request
-from helpers import png_bytes, random_image
+from helpers import alpha_ramp, png_bytes, random_image, transparent_image
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -29,16 +30,18 @@ def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def test_accepts_lossless_modes():
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(np.int64)
+
+
+def test_accepts_lossless_modes_unchanged_without_notices():
     rgb = random_image(40, 30)
-    assert decode_image(png_bytes(rgb)).mode == "RGB"
-    assert decode_image(png_bytes(rgb.convert("L"))).mode == "RGB"
-    assert decode_image(png_bytes(rgb.convert("P"))).mode == "RGB"
-    assert decode_image(png_bytes(rgb.convert("1"))).mode == "RGB"
-    opaque = rgb.convert("RGBA")
-    assert np.array_equal(np.asarray(decode_image(png_bytes(opaque))), np.asarray(rgb))
-    assert decode_image(encoded(rgb, "JPEG")).size == (40, 30)
-    assert decode_image(encoded(rgb, "WEBP", lossless=True)).size == (40, 30)
+    for image in (rgb, rgb.convert("L"), rgb.convert("P"), rgb.convert("1"), rgb.convert("RGBA")):
+        reference = read_reference(png_bytes(image), strict=True)
+        assert reference.notices == [] and reference.image.mode == "RGB"
+        assert np.array_equal(np.asarray(reference.image), np.asarray(image.convert("RGB")))
+    assert read_reference(encoded(rgb, "JPEG"), strict=True).image.size == (40, 30)
+    assert read_reference(encoded(rgb, "WEBP", lossless=True), strict=True).image.size == (40, 30)
 
 
 def test_exif_orientation_applied_and_metadata_dropped():
@@ -59,42 +62,241 @@ def test_exif_orientation_applied_and_metadata_dropped():
         (png_header(30000, 30000), "too large"),
         (png_header(7000, 7000), "exceeds the limit of 40000000"),
         (png_bytes(random_image(8, 8)), "at least 16 px"),
-        (encoded(random_image(40, 30), "GIF"), "format GIF is not accepted"),
+        (encoded(random_image(40, 30), "BMP"), "format BMP is not accepted"),
+        (encoded(random_image(40, 30).convert("RGB"), "TIFF"), "format TIFF is not accepted"),
     ],
-    ids=["empty", "garbage", "truncated", "bomb-header", "too-many-pixels", "tiny", "gif"],
+    ids=["empty", "garbage", "truncated", "bomb-header", "too-many-pixels", "tiny", "bmp", "tiff"],
 )
 def test_rejects_bad_bytes(data, message):
     with pytest.raises(InputError, match=message) as info:
-        decode_image(data, "image")
+        read_reference(data, "image", size=64)
     assert info.value.field == "image"
 
 
-def transparent() -> Image.Image:
-    image = random_image(40, 30).convert("RGBA")
-    image.putpixel((0, 0), (0, 0, 0, 10))
-    return image
+def test_rejects_modes_without_a_documented_conversion():
+    with pytest.raises(InputError, match="pixel mode YCbCr is not accepted") as info:
+        read_reference(random_image(40, 30).convert("YCbCr"), "image")
+    assert info.value.field == "image"
+
+
+# ---------------------------------------------------------------- conversions, each with its notice
+
+def composite(colour: np.ndarray, alpha: np.ndarray, background) -> np.ndarray:
+    """The documented compositing: round((colour * alpha + background * (255 - alpha)) / 255)."""
+    alpha = alpha.astype(np.int64)[..., None]
+    return (colour.astype(np.int64) * alpha + np.array(background) * (255 - alpha) + 127) // 255
+
+
+def test_rgba_transparency_composited_on_the_background():
+    colour, alpha = np.asarray(random_image(40, 30)), alpha_ramp(40, 30)
+    rgba = transparent_image(40, 30)
+    white = read_reference(png_bytes(rgba))
+    assert white.notices == ["image: transparency composited on #ffffff"]
+    assert np.array_equal(pixels(white.image), composite(colour, alpha, (255, 255, 255)))
+    teal = read_reference(png_bytes(rgba), background=(10, 200, 30))
+    assert teal.notices == ["image: transparency composited on #0ac81e"]
+    assert np.array_equal(pixels(teal.image), composite(colour, alpha, (10, 200, 30)))
+
+
+def grey_alpha(grey: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.dstack([grey, alpha_ramp(40, 30)]), "LA")
+
+
+def test_la_transparency_composited():
+    grey = np.asarray(random_image(40, 30).convert("L"))
+    reference = read_reference(png_bytes(grey_alpha(grey)))
+    assert reference.notices == ["image: transparency composited on #ffffff"]
+    expected = composite(np.dstack([grey] * 3), alpha_ramp(40, 30), (255, 255, 255))
+    assert np.array_equal(pixels(reference.image), expected)
+
+
+def test_palette_transparency_composited():
+    palette = random_image(40, 30).convert("P")
+    indices = np.asarray(palette)
+    transparent_index = int(indices[0, 0])
+    reference = read_reference(png_bytes(palette, transparency=transparent_index), background=(0, 0, 255))
+    assert reference.notices == ["image: transparency composited on #0000ff"]
+    expected = pixels(palette.convert("RGB"))
+    expected[indices == transparent_index] = (0, 0, 255)
+    assert np.array_equal(pixels(reference.image), expected)
+
+
+def test_sixteen_bit_grey_scaled_to_eight_bits():
+    values = np.linspace(0, 65535, 40 * 30).round().astype(np.uint16).reshape(30, 40)
+    reference = read_reference(png_bytes(Image.fromarray(values)))
+    assert reference.notices == ["image: 16-bit grey (mode I;16) scaled to 8 bits"]
+    expected = (values.astype(np.int64) * 255 + 32767) // 65535
+    assert np.array_equal(pixels(reference.image), np.dstack([expected] * 3))
+
+
+def test_float_pixels_scaled_to_eight_bits():
+    values = np.linspace(-0.5, 1.5, 40 * 30, dtype=np.float32).reshape(30, 40)
+    reference = read_reference(Image.fromarray(values, "F"))
+    assert reference.notices == ["image: float pixels (mode F) read as [0, 1] and scaled to 8 bits"]
+    expected = np.round(np.clip(values, 0, 1) * 255)
+    assert np.array_equal(pixels(reference.image), np.dstack([expected] * 3))
+
+
+def s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def cmyk_profile(grey: float) -> bytes:
+    """A minimal ICC v2 CMYK profile (lut16 A2B0 into XYZ) that maps every ink combination to one grey of luminance
+    `grey` (relative to the D50 white)."""
+    white = (0.9642, 1.0, 0.8249)
+    text = b"test CMYK\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 8 + b"\0" * 3 + b"\0" * 67
+    wtpt = b"XYZ \0\0\0\0" + b"".join(s15(v) for v in white)
+    xyz = [round(v * grey * 32768) for v in white]
+    lut = (b"mft2\0\0\0\0" + bytes([4, 3, 2, 0]) + b"".join(s15(float(i == j)) for i in range(3) for j in range(3))
+           + struct.pack(">HH", 2, 2) + struct.pack(">8H", *[0, 65535] * 4)
+           + struct.pack(">48H", *xyz * 16) + struct.pack(">6H", *[0, 65535] * 3))
+    tags = [(b"desc", desc), (b"wtpt", wtpt), (b"A2B0", lut)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = struct.pack(">I", len(tags)), b""
+    for signature, data in tags:
+        data += b"\0" * (-len(data) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (struct.pack(">I", offset + len(body)) + b"\0" * 4 + struct.pack(">I", 0x02100000) + b"prtrCMYKXYZ "
+              + b"\0" * 12 + b"acsp" + b"\0" * 28 + b"".join(s15(v) for v in white)).ljust(128, b"\0")
+    return header + table + body
+
+
+def cmyk_jpeg(**kwargs) -> bytes:
+    """Cyan on the left half, 50 % black on the right."""
+    image = Image.new("CMYK", (40, 30), (255, 0, 0, 0))
+    image.paste((0, 0, 0, 128), (20, 0, 40, 30))
+    return encoded(image, "JPEG", quality=100, **kwargs)
+
+
+def test_cmyk_without_profile_converted_by_pillow():
+    reference = read_reference(cmyk_jpeg())
+    assert reference.notices == ["image: CMYK converted to RGB without a colour profile"]
+    result = pixels(reference.image)
+    assert np.abs(result[:, :16] - (0, 255, 255)).max() <= 2
+    assert np.abs(result[:, 24:] - (127, 127, 127)).max() <= 2
+
+
+def test_cmyk_with_profile_converted_through_it():
+    dark, light = (read_reference(cmyk_jpeg(icc_profile=cmyk_profile(grey))) for grey in (0.2, 0.6))
+    assert dark.notices == ["image: CMYK converted to sRGB with the embedded ICC profile"]
+    dark_pixels, light_pixels = pixels(dark.image), pixels(light.image)
+    # the test profile maps every ink to one grey: cyan and black come out as that grey, not as cyan
+    assert np.ptp(dark_pixels) == 0 and np.ptp(light_pixels) == 0
+    assert dark_pixels[0, 0, 0] < light_pixels[0, 0, 0]
+
+
+def frames(first, second) -> list[Image.Image]:
+    return [Image.new("RGB", (40, 30), first), Image.new("RGB", (40, 30), second)]
 
 
 @pytest.mark.parametrize(
-    "image, message",
-    [
-        (transparent(), "transparency \\(mode RGBA, minimum alpha 10\\)"),
-        (Image.new("I;16", (40, 30)), "pixel mode I;16"),
-        (Image.new("F", (40, 30)), "pixel mode F"),
-    ],
-    ids=["alpha", "16-bit", "float"],
+    "fmt, options",
+    [("MPO", {}), ("GIF", {}), ("WEBP", {"lossless": True}), ("PNG", {})],
+    ids=["mpo", "gif", "webp", "apng"],
 )
-def test_rejects_lossy_modes(image, message):
-    with pytest.raises(InputError, match=message):
-        decode_image(image if image.mode == "F" else png_bytes(image))
+def test_several_frames_first_used(fmt, options):
+    first, *rest = frames((200, 30, 40), (10, 20, 230))
+    data = encoded(first, fmt, save_all=True, append_images=rest, **options)
+    reference = read_reference(data)
+    assert reference.notices == [f"image: first of 2 frames used ({fmt})"]
+    assert np.abs(pixels(reference.image) - (200, 30, 40)).max() <= (3 if fmt == "MPO" else 0)
 
 
-def test_rejects_cmyk_and_palette_transparency():
-    with pytest.raises(InputError, match="pixel mode CMYK"):
-        decode_image(encoded(Image.new("CMYK", (40, 30)), "JPEG"))
+def convertible() -> list:
+    first, *rest = frames((200, 30, 40), (10, 20, 230))
     palette = random_image(40, 30).convert("P")
-    with pytest.raises(InputError, match="transparency"):
-        decode_image(png_bytes(palette, transparency=0))
+    return [
+        pytest.param(png_bytes(transparent_image(40, 30)),
+                     "transparency \\(mode RGBA, minimum alpha 0\\)", id="rgba"),
+        pytest.param(png_bytes(grey_alpha(np.asarray(palette.convert("L")))),
+                     "transparency \\(mode LA, minimum alpha 0\\)", id="la"),
+        pytest.param(png_bytes(palette, transparency=int(np.asarray(palette)[0, 0])),
+                     "transparency \\(mode P, minimum alpha 0\\)", id="palette"),
+        pytest.param(png_bytes(Image.new("I;16", (40, 30))), "16-bit pixels \\(mode I;16\\)", id="16-bit"),
+        pytest.param(Image.new("F", (40, 30)), "float pixels \\(mode F\\)", id="float"),
+        pytest.param(cmyk_jpeg(), "CMYK pixels", id="cmyk"),
+        pytest.param(cmyk_jpeg(icc_profile=cmyk_profile(0.2)), "CMYK pixels", id="cmyk-icc"),
+        pytest.param(encoded(first, "MPO", save_all=True, append_images=rest), "MPO with 2 frames", id="mpo"),
+        pytest.param(encoded(first, "GIF", save_all=True, append_images=rest), "GIF with 2 frames", id="gif"),
+        pytest.param(encoded(first, "WEBP", save_all=True, append_images=rest, lossless=True), "WEBP with 2 frames",
+                     id="webp"),
+        pytest.param(encoded(first, "PNG", save_all=True, append_images=rest), "PNG with 2 frames", id="apng"),
+    ]
+
+
+@pytest.mark.parametrize("data, found", convertible())
+def test_strict_mode_refuses_each_conversion(data, found):
+    with pytest.raises(InputError, match=f"{found}: strict image mode accepts only") as info:
+        read_reference(data, "image", size=64, strict=True)
+    assert info.value.field == "image"
+
+
+# ---------------------------------------------------------------- the reference kept is the canvas it feeds
+
+@pytest.mark.parametrize(
+    "image, fmt",
+    [
+        (random_image(97, 80, seed=3), "PNG"),
+        (random_image(80, 131, seed=4).convert("L"), "PNG"),
+        (random_image(90, 71, seed=5).convert("P"), "PNG"),
+        (random_image(70, 99, seed=6).convert("RGBA"), "PNG"),
+        (random_image(100, 90, seed=7), "JPEG"),
+    ],
+    ids=["rgb", "grey", "palette", "opaque-rgba", "jpeg"],
+)
+@pytest.mark.parametrize("size", [64, 80])
+def test_reduced_reference_gives_the_same_canvas(image, fmt, size):
+    data = encoded(image, fmt)
+    reduced = read_reference(data, size=size).image
+    assert reduced.size == (size, size)
+    assert np.array_equal(condition_canvas(reduced, size).numpy(), condition_canvas(decode_image(data), size).numpy())
+
+
+def test_reduced_reference_follows_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encoded(random_image(120, 70, seed=8), "JPEG", exif=exif.tobytes())
+    reduced = read_reference(data, size=64).image
+    assert np.array_equal(condition_canvas(reduced, 64).numpy(), condition_canvas(decode_image(data), 64).numpy())
+
+
+def photograph(width: int, height: int) -> Image.Image:
+    """Smooth shapes and gradients with mild grain: the spatial spectrum of a photograph rather than of noise."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    rng = np.random.default_rng(0)
+    channels = [np.sin(6 * x + 2 * c) * np.cos(5 * y - c) + 0.5 * np.exp(-((x - 0.5) ** 2 + (y - 0.4) ** 2) * 20)
+                for c in range(3)]
+    array = (np.dstack(channels) + 1.5) / 3 * 255 + rng.normal(0, 3, (height, width, 3))
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+
+def test_large_jpeg_decoded_at_reduced_scale_within_tolerance():
+    data = encoded(photograph(1100, 700), "JPEG", quality=90)
+    reduced = read_reference(data, size=64).image
+    full = decode_image(data)
+    difference = np.abs(condition_canvas(reduced, 64) - condition_canvas(full, 64)).mean() / 2
+    assert 0 < difference <= DRAFT_TOLERANCE
+
+
+# ---------------------------------------------------------------- prompts against the text encoders' windows
+
+def test_prompt_over_the_t5_window_is_refused(tiny_pipe):
+    # the tiny T5 tokenizer reads one token per character, plus a word-start and an end token
+    assert tiny_pipe.check_prompt("a" * 510) == ["prompt: 512 CLIP tokens, only the first 77 reach the pooled CLIP "
+                                                 "embedding"]
+    with pytest.raises(InputError, match="is 513 T5 tokens long; the limit is 512 tokens") as info:
+        tiny_pipe.check_prompt("a" * 511, "negative_prompt")
+    assert info.value.field == "negative_prompt"
+
+
+def test_prompt_over_the_clip_window_is_reported(tiny_pipe):
+    assert tiny_pipe.check_prompt("a" * 75) == []  # with the start and end tokens: 77
+    assert tiny_pipe.check_prompt("a" * 100) == [
+        "prompt: 102 CLIP tokens, only the first 77 reach the pooled CLIP embedding"
+    ]
 
 
 def test_missing_file(tmp_path):
