@@ -42,3 +42,9 @@ CACHE_DURATION = Histogram(
 )
 PROMPT_CACHE_HITS = Counter("dsd_prompt_cache_hits_total", "Prompts whose embeddings were reused in-process.")
 PROMPT_CACHE_MISSES = Counter("dsd_prompt_cache_misses_total", "Prompts that went through the text encoders.")
+STEP_CACHE_ROWS = Counter(
+    "dsd_step_cache_rows_total",
+    "Transformer rows under the per-row step cache, by outcome: `reused` ran only the first block and reused its "
+    "cached remainder, `computed` ran every block.",
+    ["outcome"],
+)
