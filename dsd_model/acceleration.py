@@ -139,10 +139,13 @@ def _is_block_linear(module: torch.nn.Module, name: str) -> bool:
 
 
 def compile_blocks(transformer, mode: str, shapes: int) -> None:
-    """`torch.compile` each repeated block (regional compilation: one graph shared by all 57 blocks of FLUX),
-    with static shapes; `shapes` bounds the distinct (rows, canvas, adapter) combinations to keep compiled."""
+    """`torch.compile` each repeated block (regional compilation: one graph shared by all 57 blocks of FLUX).
+
+    Shapes are static at first and become dynamic on the first change (torch's automatic dynamic shapes), so a
+    second row bucket costs one more compilation and the others none; the buckets bound the shapes CUDA graphs
+    record in `reduce-overhead` mode. `shapes` bounds the compiled variants kept (rows, canvas, adapter state)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
-    transformer.compile_repeated_blocks(mode=None if mode == "default" else mode, dynamic=False, fullgraph=True)
+    transformer.compile_repeated_blocks(mode=None if mode == "default" else mode, fullgraph=True)
 
 
 def mega_cache_path(directory: Path) -> Path:

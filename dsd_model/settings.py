@@ -96,8 +96,9 @@ class Settings(BaseSettings):
         "multiply is large enough for cuBLAS, so autotuning gains little; `reduce-overhead` adds CUDA graphs.",
     )
     compile_row_buckets: list[int] = Field(
-        [1, 2, 4, 8], min_length=1, description="Row counts compiled for; a forward is padded to the next one so "
-        "varying batches never recompile. Powers of two up to max_batch_rows waste at most half a forward on padding.",
+        [1, 2, 3, 4, 6, 8], min_length=1, description="Row counts a forward is padded up to, warmed up at start-up, "
+        "so varying batches never compile while serving. Threes because a true-CFG request has three rows; up to "
+        "max_batch_rows (8) padding wastes at most a sixth of a forward.",
     )
     compile_sizes: list[int] = Field(
         [512], min_length=1, description="Reference sizes compiled at start-up (the official 512); other sizes compile "
