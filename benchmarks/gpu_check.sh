@@ -18,9 +18,9 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
+timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
 tests=${PIPESTATUS[0]}
-timeout 330 python3 benchmarks/gpu_bench.py --budget-s 240 "$@" 2>&1 | tee "$OUT/gpu_bench.log"
+timeout 300 python3 benchmarks/gpu_bench.py --budget-s 200 "$@" 2>&1 | tee "$OUT/gpu_bench.log"
 bench=${PIPESTATUS[0]}
 echo "gpu tests exit $tests, benchmark exit $bench"
 exit $(( tests != 0 || bench != 0 ))

@@ -227,7 +227,7 @@ def accelerate(pipe, settings) -> None:
     )
     if fold and pipe.adapters.names:
         pipe.adapters.fold_on_activate()
-    pipe.attention_backend = set_attention_backend(transformer, settings.attention_backend)
+    set_attention_backend(transformer, settings.attention_backend)
     compiled = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda")
     buckets = RowBuckets(settings.compile_row_buckets) if compiled else None
     cache = StepCache(settings.step_cache_threshold) if settings.step_cache_threshold > 0 else None
