@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Download, here, the wheels the GPU check needs beyond what the GPU machine has (Python 3.12, torch 2.11,
-# transformers 5.17, peft, no network) into .whl/ (ignored by git). benchmarks/gpu_check.sh installs them there.
+# transformers 5.17, no network; its peft is replaced by our pinned one) into .whl/ (ignored by git).
+# benchmarks/gpu_check.sh installs them there.
 #
-#   benchmarks/gpu_prepare.sh [python]
+#   benchmarks/gpu_prepare.sh [python]   (any Python with pip; the wheels are for CPython 3.12 whatever it runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${1:-/work/main/.venv/bin/python}
+PY=${1:-python3}
 WHEELS=(
   diffusers==0.42.1 importlib_metadata==10.2.0 zipp==4.1.2 lazy-importer==0.1.0
   peft==0.21.2
