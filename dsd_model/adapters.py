@@ -117,7 +117,8 @@ class AdapterRegistry:
     """The adapters loaded into one transformer and which one is active.
 
     Switching happens between batches (the engine groups requests by adapter). `fuse` folds one adapter into the
-    weights for speed; a fused model serves only that adapter.
+    weights for speed; a fused model serves only that adapter. `fold_on_activate` serves every adapter folded: each
+    switch rebuilds the adapted weights from a kept copy of the base weights, so no rounding accumulates.
     """
 
     def __init__(self, transformer: torch.nn.Module):
@@ -127,6 +128,8 @@ class AdapterRegistry:
         self.fused: str | None = None
         self.folded_lora: str | None = None
         """Fingerprint of a LoRA already folded into the base weights by `dsd convert` (refused if loaded again)."""
+        self._base_weights: dict[str, torch.Tensor] | None = None
+        """Base weights of the LoRA-targeted layers while adapters are folded on activation."""
         self._embedders: dict[str, dict[str, torch.Tensor]] = {}
         self._base_embedder: dict[str, torch.Tensor] | None = None
 
@@ -141,6 +144,8 @@ class AdapterRegistry:
             raise WeightsError(f"an adapter named {name!r} is already loaded")
         if self.fused is not None:
             raise WeightsError(f"adapter {self.fused!r} is fused into the weights; no other adapter can be loaded")
+        if self._base_weights is not None:
+            raise WeightsError("adapters are folded on activation; load every adapter before `fold_on_activate`")
         state = read_safetensors(source)[0] if not isinstance(source, dict) else source
         lora, embedder, ranks = split_adapter_state(state, self.transformer)
         if self.folded_lora is not None and lora_fingerprint(lora) == self.folded_lora:
@@ -166,7 +171,9 @@ class AdapterRegistry:
             return
         if self.fused is not None and name != self.fused:
             raise WeightsError(f"adapter {self.fused!r} is fused into the weights; {name!r} cannot be activated")
-        if self.ranks:
+        if self._base_weights is not None:
+            self._fold(name)
+        elif self.ranks:
             if name is None:
                 self.transformer.disable_lora()
             else:
@@ -180,6 +187,31 @@ class AdapterRegistry:
         self.activate(name)
         self.transformer.fuse_lora(adapter_names=[name])
         self.fused = name
+
+    def fold_on_activate(self) -> None:
+        """Serve every loaded adapter folded into the weights (no LoRA matmuls per forward); the base weights of the
+        adapted layers are kept once. Adapters cannot be loaded afterwards."""
+        if self.fused is not None or self._base_weights is not None:
+            return
+        active, self.active = self.active, "__folding__"
+        self._base_weights = {
+            name: module.base_layer.weight.detach().clone() for name, module in self._lora_layers()
+        }
+        self.transformer.disable_lora()
+        self.activate(active)
+
+    def _lora_layers(self):
+        return [(n, m) for n, m in self.transformer.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+
+    def _fold(self, name: str | None) -> None:
+        with torch.no_grad():
+            for module_name, module in self._lora_layers():
+                weight = module.base_layer.weight
+                base = self._base_weights[module_name]
+                if name is not None and name in module.lora_A:
+                    weight.copy_((base.float() + module.get_delta_weight(name).float()).to(weight.dtype))
+                else:
+                    weight.copy_(base)
 
     def _swap_embedder(self, name: str | None) -> None:
         layer = self.transformer.x_embedder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .acceleration import accelerate
 from .errors import InputError, WeightsError
 from .pipeline import DSDPipeline
 from .prompt_cache import PromptCache
@@ -41,6 +42,7 @@ def load_pipeline(settings: Settings | None = None) -> DSDPipeline:
     if pipe.transformer.dtype != dtype:
         pipe.to(dtype=dtype)
     pipe.to(device)
+    accelerate(pipe, settings)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -62,3 +62,9 @@ PROVENANCE_DURATION = Histogram(
     "Time of one output stage per image: check (output classifier), watermark, encode, sign (C2PA).",
     ["stage"], buckets=STEP_SECONDS,
 )
+STEP_CACHE_ROWS = Counter(
+    "dsd_step_cache_rows_total",
+    "Transformer rows under the per-row step cache, by outcome: `reused` ran only the first block and reused its "
+    "cached remainder, `computed` ran every block.",
+    ["outcome"],
+)

@@ -222,6 +222,8 @@ class DSDPipeline(DiffusionPipeline):
         self._tokenizer_lock = threading.Lock()
         """Fast tokenizers keep their padding/truncation state between calls; transports count tokens while the
         engine encodes."""
+        self.denoiser = None
+        """Replaces the stock transformer call in `_forward`; `acceleration.accelerate` installs one."""
 
     # ------------------------------------------------------------------ prompt encoding
 
@@ -424,16 +426,16 @@ class DSDPipeline(DiffusionPipeline):
         size = states[0].request.size
         height, width = 2 * (size // 16), 2 * (2 * size // 16)
         dtype = self.transformer.dtype
-        prediction = self.transformer(
-            hidden_states=torch.cat(hidden).to(dtype),
-            timestep=torch.cat(timestep) / 1000,
-            guidance=torch.cat(guidance) if self.transformer.config.guidance_embeds else None,
-            pooled_projections=torch.cat(pooled).to(dtype),
-            encoder_hidden_states=torch.cat(text).to(dtype),
-            txt_ids=torch.zeros(text[0].shape[1], 3, device=self._execution_device, dtype=dtype),
-            img_ids=latent_image_ids(height, width, self._execution_device, dtype),
-            return_dict=False,
-        )[0]
+        prediction = self._forward(
+            torch.cat(hidden).to(dtype),
+            torch.cat(timestep) / 1000,
+            torch.cat(guidance) if self.transformer.config.guidance_embeds else None,
+            torch.cat(pooled).to(dtype),
+            torch.cat(text).to(dtype),
+            latent_image_ids(height, width, self._execution_device, dtype),
+            torch.zeros(text[0].shape[1], 3, device=self._execution_device, dtype=dtype),
+            states,
+        )
 
         updated = []
         row = 0
@@ -450,6 +452,16 @@ class DSDPipeline(DiffusionPipeline):
             sigma_next = state.sigmas[state.step_index + 1]
             updated.append((state.latents.to(torch.float32) + (sigma_next - sigma) * pred).to(pred.dtype))
         return updated
+
+    def _forward(self, hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states) -> torch.Tensor:
+        """The transformer's prediction for the rows of `states` (in `step`'s row order); `self.denoiser`
+        (`acceleration.Denoiser`: bucketed rows, per-row step cache), when set, makes the call."""
+        if self.denoiser is not None:
+            return self.denoiser(hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states)
+        return self.transformer(
+            hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled,
+            encoder_hidden_states=text, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+        )[0]
 
     @torch.no_grad()
     def decode(self, state: DenoiseState) -> torch.Tensor:

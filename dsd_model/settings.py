@@ -98,6 +98,53 @@ class Settings(BaseSettings):
         "holds only its latents and embeddings (about 5 MiB at the official canvas in bfloat16).",
     )
 
+    # ---- speed (GPU)
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the transformer blocks (regional: one graph for all 57 FLUX blocks). "
+        "`auto` = on for cuda, where fused kernels pay off, off on cpu, where compiling costs more than it saves.",
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field(
+        "default", description="torch.compile mode. `default` compiles fastest; at the official canvas every matrix "
+        "multiply is large enough for cuBLAS, so autotuning gains little; `reduce-overhead` adds CUDA graphs.",
+    )
+    compile_row_buckets: list[int] = Field(
+        [1, 2, 3, 4, 6, 8], min_length=1, description="Row counts a forward is padded up to, warmed up at start-up, "
+        "so varying batches never compile while serving. Threes because a true-CFG request has three rows; up to "
+        "max_batch_rows (8) padding wastes at most a sixth of a forward.",
+    )
+    compile_sizes: list[int] = Field(
+        [512], min_length=1, description="Reference sizes compiled at start-up (the official 512); other sizes compile "
+        "on their first request.",
+    )
+    compile_warmup: bool = Field(
+        True, description="Compile every (size, row bucket, adapter) at start-up, so no request waits for a compile.",
+    )
+    compile_cache_dir: Path | None = Field(
+        None, description="Directory (a persistent volume) for compiled artefacts, so a restart loads instead of "
+        "compiling; unset keeps torch's per-process temporary cache.",
+    )
+    attention_backend: Literal[
+        "native", "flash", "_flash_3", "sage", "_native_cudnn", "_native_flash", "_native_efficient"
+    ] = Field(
+        "native", description="diffusers attention backend; a backend whose kernels or device are missing falls back "
+        "to native SDPA with a log line. `native` lets PyTorch pick flash/cuDNN kernels, fast on Hopper already.",
+    )
+    lora_fusion: Literal["auto", "unfused", "per_adapter"] = Field(
+        "auto", description="`per_adapter` folds the active adapter into the weights (re-folded from a kept copy of "
+        "the base weights on every switch; the engine switches only between batches), saving the LoRA matmuls "
+        "(~30% of an adapted layer at rank 512) at the cost of one copy of the adapted weights. `auto` = per_adapter "
+        "on cuda without fp8, unfused elsewhere (fp8 weights cannot absorb a LoRA).",
+    )
+    quantization: Literal["none", "fp8"] = Field(
+        "none", description="`fp8`: float8 weights and activations in the transformer blocks (torchao; compute "
+        "capability 8.9+). Opt-in because it changes images slightly (drift reported by benchmarks/gpu_bench.py).",
+    )
+    step_cache_threshold: float = Field(
+        0.0, ge=0, le=1, description="Per-row step cache: a row whose first-block residual changed less than this "
+        "(relative L1) since its last full step reuses the rest of the model. 0 disables it: it trades exactness "
+        "for speed, so it is opt-in (0.05-0.1 skips about half of the blocks on FLUX).",
+    )
+
     # ---- caches
     redis_url: str | None = Field(
         None, description="Redis for the condition-latent cache, e.g. redis://127.0.0.1:6379/0; unset disables it "
@@ -217,8 +264,22 @@ class Settings(BaseSettings):
     def _check_size(cls, value: int) -> int:
         return check_size(value)
 
+    @field_validator("compile_sizes")
+    @classmethod
+    def _check_compile_sizes(cls, value: list[int]) -> list[int]:
+        return [check_size(size) for size in value]
+
+    @field_validator("compile_row_buckets")
+    @classmethod
+    def _check_buckets(cls, value: list[int]) -> list[int]:
+        if min(value) < 1:
+            raise ValueError(f"compile_row_buckets must be positive row counts, got {value}")
+        return value
+
     @model_validator(mode="after")
     def _check_real(self) -> "Settings":
+        if self.lora_fusion == "per_adapter" and self.quantization == "fp8":
+            raise ValueError("lora_fusion 'per_adapter' cannot fold adapters into fp8 weights; use 'unfused' with fp8")
         if self.profile == "real" and self.model_dir is None:
             raise ValueError("profile `real` needs model_dir (DSD_MODEL_DIR) pointing at a local FLUX.1-dev directory")
         if self.fuse_adapters and len(self.adapters) != 1:

@@ -193,19 +193,23 @@ def is_attention_projection(module_name: str) -> bool:
 
 
 def build_real_size_transformer(
-    num_layers: int = 19, num_single_layers: int = 38, dtype: torch.dtype = torch.float32, seed: int = 0
+    num_layers: int = 19, num_single_layers: int = 38, dtype: torch.dtype = torch.float32, seed: int = 0,
+    device: str = "cpu",
 ) -> FluxTransformer2DModel:
-    """FLUX.1-dev-sized DSD transformer with random weights (fewer blocks allowed: the full 12B needs 24 GB in bf16)."""
+    """FLUX.1-dev-sized DSD transformer with random weights (fewer blocks allowed: the full 12B needs 24 GB in bf16).
+    `device` is where the weights are initialised (on a GPU in seconds instead of minutes)."""
     torch.manual_seed(seed)
     config = dsd_transformer_config(FLUX_TRANSFORMER_CONFIG)
     config.update(num_layers=num_layers, num_single_layers=num_single_layers)
-    model = FluxTransformer2DModel(**config).eval()
+    with torch.device(device):
+        model = FluxTransformer2DModel(**config).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
-def build_real_size_vae(dtype: torch.dtype = torch.float32, seed: int = 0) -> AutoencoderKL:
+def build_real_size_vae(dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu") -> AutoencoderKL:
     torch.manual_seed(seed)
-    model = AutoencoderKL(**FLUX_VAE_CONFIG).eval()
+    with torch.device(device):
+        model = AutoencoderKL(**FLUX_VAE_CONFIG).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
@@ -223,3 +227,26 @@ def write_tiny_classifier(directory: Path, labels: tuple[str, ...] = ("safe", "n
     ViTForImageClassification(config).save_pretrained(directory)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
     return Path(directory)
+
+
+def build_real_width_text_encoders(
+    clip_vocab: int, t5_vocab: int, num_layers: int = 1, device: str = "cpu"
+) -> tuple[CLIPTextModel, T5EncoderModel]:
+    """Text encoders with FLUX.1-dev's output widths (pooled CLIP 768, T5 4096) but `num_layers` layers: they feed
+    a real-size transformer in benchmarks, where prompt encoding is outside the timed denoising loop."""
+    torch.manual_seed(TINY_SEED)
+    with torch.device(device):
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=768, intermediate_size=3072,
+                num_attention_heads=12, num_hidden_layers=num_layers, vocab_size=clip_vocab,
+                max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+            )
+        )
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=t5_vocab, d_model=4096, d_kv=64, d_ff=10240, num_layers=num_layers, num_heads=64,
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
+            )
+        )
+    return clip.eval(), t5.eval()

@@ -202,6 +202,19 @@ def test_real_weights_need_a_gpu_and_a_read_only_volume(overlay, monkeypatch):
 
 
 @each_overlay
+def test_compiled_artefacts_persist_on_a_shared_writable_volume(overlay, monkeypatch):
+    settings = settings_of(overlay, monkeypatch)
+    if settings.compile_cache_dir is None:
+        pytest.skip(f"{overlay} keeps no compiled artefacts across restarts")
+    server = container(overlay)
+    mounts = [m for m in server["volumeMounts"] if str(settings.compile_cache_dir).startswith(m["mountPath"])]
+    assert len(mounts) == 1 and not mounts[0].get("readOnly", False)
+    pod = named(overlay, "Deployment", SERVICE)["spec"]["template"]["spec"]
+    claim = {v["name"]: v for v in pod["volumes"]}[mounts[0]["name"]]["persistentVolumeClaim"]
+    assert named(overlay, "PersistentVolumeClaim", claim["claimName"])["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+@each_overlay
 def test_probes_and_shutdown_outlast_the_longest_request(overlay, monkeypatch):
     settings = settings_of(overlay, monkeypatch)
     server = container(overlay)

@@ -33,3 +33,31 @@ def test_engine_batches_on_cuda():
         assert [job.future.result(timeout=120).seed for job in jobs] == [0, 1, 2, 3]
     finally:
         engine.drain(timeout=30)
+
+
+def test_compiled_bucketed_folded_path_on_cuda_follows_eager():
+    """`auto` on cuda: adapters folded per activation, blocks compiled, rows padded to buckets."""
+    reference = random_image()
+    kwargs = dict(num_inference_steps=4, size=64, seed=3, output_type="pt", adapter="identity")
+    eager = load_pipeline(Settings(profile="tiny", device="cuda", compile="off", lora_fusion="unfused"))
+    fast = load_pipeline(Settings(profile="tiny", device="cuda", compile_sizes=[64], compile_row_buckets=[1, 4]))
+    assert fast.denoiser is not None and fast.denoiser.buckets.sizes == (1, 4)
+    for adapter in ("identity", "structure", "identity"):
+        kwargs["adapter"] = adapter
+        expected = eager([reference] * 3, "a toy", **kwargs).images.float()
+        images = fast([reference] * 3, "a toy", **kwargs).images.float()
+        assert (images - expected).abs().mean() < 0.02
+
+
+def test_fp8_on_cuda_runs_or_refuses_by_compute_capability():
+    settings = Settings(profile="tiny", device="cuda", quantization="fp8", compile="off")
+    if torch.cuda.get_device_capability() < (8, 9):
+        with pytest.raises(ValueError, match="DSD_QUANTIZATION"):
+            load_pipeline(settings)
+        return
+    reference = random_image()
+    kwargs = dict(num_inference_steps=4, size=64, seed=3, output_type="pt", adapter="identity")
+    expected = load_pipeline(Settings(profile="tiny", device="cuda", compile="off"))(reference, "a toy", **kwargs)
+    images = load_pipeline(settings)(reference, "a toy", **kwargs).images.float()
+    # float8 (3 mantissa bits) weights and activations on every block linear of a random tiny model
+    assert (images - expected.images.float()).abs().mean() < 0.1
