@@ -41,7 +41,7 @@ MAX_NUMBER_DIGITS = 100
 range refuses it instead of Python's int-string limit (4300 digits) raising."""
 DATA_URI = re.compile(r"^data:[\w.+\-]+/[\w.+\-]+(;[\w.+\-]+=[\w.+\-]+)*;base64,", re.IGNORECASE)
 CONSTRAINT_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
-                     "string_too_short", "string_too_long", "literal_error"}
+                     "string_too_short", "string_too_long", "string_pattern_mismatch", "literal_error"}
 """Pydantic errors whose message already states the limit."""
 REQUEST_FIELDS = GenerateJSON.model_json_schema()["properties"]
 
@@ -102,7 +102,11 @@ def accepted_values(field: str | None) -> str | None:
     if "enum" in kind:
         return " or ".join(repr(value) for value in kind["enum"])
     if kind["type"] == "string":
-        return f"string of {kind.get('minLength', 0)} to {kind['maxLength']} characters"
+        if "pattern" in kind:
+            return f"string matching {kind['pattern']}"
+        if "maxLength" in kind:
+            return f"string of {kind.get('minLength', 0)} to {kind['maxLength']} characters"
+        return "string"
     words = [kind["type"]]
     if "minimum" in kind:
         words.append(f"from {kind['minimum']}")
