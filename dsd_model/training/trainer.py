@@ -89,15 +89,17 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
             config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=config.max_steps,
         )
-        start = load_checkpoint(checkpoint, accelerator, params, optimizer, scheduler) if checkpoint else 0
+        start = load_checkpoint(checkpoint, config, accelerator, params, optimizer, scheduler) if checkpoint else 0
         transformer, optimizer = accelerator.prepare(pipe.transformer, optimizer)
 
         # 4. Training loop
         try:
             _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, scheduler, start, precision)
+        except BaseException:
+            accelerator.end_training()
+            raise
         finally:
             accelerator.unwrap_model(transformer, keep_fp32_wrapper=False)
-            accelerator.end_training()
 
         # 5. Export the adapter
         adapter_path = config.output_dir / ADAPTER_FILE
@@ -111,6 +113,7 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
     if accelerator.is_main_process:
         plot_loss(config.output_dir / "loss.csv", config.output_dir / "loss.png")
     losses = [row[1] for row in read_loss(config.output_dir / "loss.csv")]
+    accelerator.end_training()  # after the last barrier: it closes the process group
     return TrainResult(adapter_path=adapter_path, output_dir=config.output_dir, steps=config.max_steps, losses=losses)
 
 
@@ -127,7 +130,9 @@ def _optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> to
 
 def _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, scheduler, start, precision) -> None:
     """Optimizer steps `start + 1` .. `max_steps`. Micro-batch `m` of process `r` reads stream positions
-    `(m * processes + r) * batch_size ...` and draws its randomness from a generator seeded by (seed, m, r)."""
+    `p = (m * processes + r) * batch_size ...` and draws its randomness from a generator seeded by (seed, p). So the
+    examples and draws of an optimizer step depend on the global batch only, not on how it is split into processes
+    and accumulated micro-batches: 2 processes x 1 micro-batch train as 1 process x 2 micro-batches."""
     log = LossLog(config.output_dir / "loss.csv", start) if accelerator.is_main_process else None
     processes, process = accelerator.num_processes, accelerator.process_index
     progress = tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_local_main_process)
@@ -139,7 +144,7 @@ def _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, sc
                 index = step * config.gradient_accumulation_steps + micro
                 first = (index * processes + process) * config.batch_size
                 batch = dataset.batch(sample_indices(len(dataset), config.seed, first, config.batch_size))
-                generator = torch.Generator().manual_seed(derive_seed(config.seed, index, process))
+                generator = torch.Generator().manual_seed(derive_seed(config.seed, first))
                 with accelerator.accumulate(transformer):
                     inputs = flow_matching_inputs(pipe, batch, config, generator)
                     loss = flow_matching_loss(transformer, inputs)
