@@ -88,7 +88,8 @@ def global_batch(config: TrainConfig, processes: int) -> int:
 
 
 def checkpoint_to_resume(config: TrainConfig) -> Path | None:
-    """The checkpoint `config.resume_from` names, checked to exist and to come from a run with the same settings.
+    """The checkpoint `config.resume_from` names (none for `auto` in a directory without checkpoints), checked to
+    exist and to come from a run with the same settings.
     A new run refuses an output directory holding another run's checkpoints, which it would mix with its own."""
     found = list_checkpoints(config.output_dir)
     if config.resume_from is None:
@@ -98,7 +99,9 @@ def checkpoint_to_resume(config: TrainConfig) -> Path | None:
                 f"{found[-1].name}); set resume_from='latest' to continue it, or choose another output_dir"
             )
         return None
-    if config.resume_from == "latest":
+    if config.resume_from == "auto" and not found:
+        return None
+    if config.resume_from in ("latest", "auto"):
         if not found:
             raise CheckpointError(
                 f"resume_from='latest' but {str(checkpoints_dir(config.output_dir))!r} holds no checkpoint; "

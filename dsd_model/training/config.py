@@ -102,8 +102,9 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(
         2, ge=1, description="Newest checkpoints kept; at rank 512 one checkpoint with optimizer state is ~10 GB."
     )
-    resume_from: Literal["latest"] | Path | None = Field(
-        None, description="Checkpoint directory to resume from, or `latest` for the newest in output_dir."
+    resume_from: Literal["latest", "auto"] | Path | None = Field(
+        None, description="Checkpoint directory to resume from, `latest` for the newest in output_dir, or `auto`: "
+        "the newest if there is one, else a new run (for a job that is retried)."
     )
 
     @field_validator("size")
