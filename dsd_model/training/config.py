@@ -22,6 +22,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: Path = Field(description="Dataset directory holding pairs.jsonl and the images it names.")
+    embedding_cache: Path | None = Field(
+        None, description="Directory written by `dsd train-cache` for this dataset and model: train from its VAE "
+        "posteriors and prompt embeddings, without the VAE encoder and text encoders. Unset: encode every step."
+    )
     output_dir: Path = Field(
         Path("outputs/train"),
         description="Where the adapter, checkpoints, loss.csv and loss.png are written.",

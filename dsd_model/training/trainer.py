@@ -24,6 +24,7 @@ from ..pipeline import DSDPipeline
 from .checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .dataset import PairDataset, derive_seed, sample_indices
+from .embedding_cache import EmbeddingCache, encoder_identity, model_dir_of
 from .errors import TrainingError, TrainingOutOfMemoryError
 from .logs import LossLog, plot_loss, read_loss
 from .lora import EMBEDDER, check_base_model, save_adapter, trainable_adapter
@@ -57,12 +58,12 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
     """
     # 1. Check settings, dataset and base model before any work
     check_requirements(config)
-    dataset = PairDataset(config.dataset, config.size)
     if pipe is None:
         from ..tiny import build_tiny_components
 
         pipe = DSDPipeline(**build_tiny_components())
     check_base_model(pipe)
+    dataset = _training_data(config, pipe)
     checkpoint = checkpoint_to_resume(config)
 
     # 2. Devices, precision and seeds
@@ -115,6 +116,15 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
     losses = [row[1] for row in read_loss(config.output_dir / "loss.csv")]
     accelerator.end_training()  # after the last barrier: it closes the process group
     return TrainResult(adapter_path=adapter_path, output_dir=config.output_dir, steps=config.max_steps, losses=losses)
+
+
+def _training_data(config: TrainConfig, pipe: DSDPipeline) -> PairDataset | EmbeddingCache:
+    """The pairs to encode each step, or their cached encodings, checked against this model's encoders."""
+    if config.embedding_cache is None:
+        return PairDataset(config.dataset, config.size)
+    pair_ids = [pair.id for pair in PairDataset.read(config.dataset)]
+    identity = encoder_identity(pipe, config.size, model_dir_of(pipe))
+    return EmbeddingCache(config.embedding_cache, identity, pair_ids)
 
 
 def _optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
