@@ -90,6 +90,8 @@ def _argument_kind(annotation) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
     from .trainer import check_requirements, train
 
     values = json.loads(args.config.read_text()) if args.config else {}
@@ -101,8 +103,9 @@ def run_train(args: argparse.Namespace) -> None:
     except (ValidationError, TrainingError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    print(f"wrote {result.adapter_path} after {result.steps} steps (final loss {result.losses[-1]:.4f}); "
-          f"loss curve {result.output_dir / 'loss.png'}")
+    if PartialState().is_main_process:  # one line per run, not per process of a launch
+        print(f"wrote {result.adapter_path} after {result.steps} steps (final loss {result.losses[-1]:.4f}); "
+              f"loss curve {result.output_dir / 'loss.png'}")
 
 
 def _base_pipeline(args: argparse.Namespace):

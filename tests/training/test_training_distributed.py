@@ -48,6 +48,7 @@ def train_two_processes(dataset: Path, output_dir: Path) -> None:
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("wrote ") == 1, "the main process reports the run, once"
 
 
 def max_difference(first: Path, second: Path) -> float:
