@@ -482,6 +482,11 @@ def test_job_volumes_hold_the_work_dir_and_read_the_weights_read_only(monkeypatc
                 if claim not in (None, "dsd-data"):
                     assert claim in weights_claims and mounts[path]["readOnly"] is True
                     assert volumes[mounts[path]["name"]]["persistentVolumeClaim"]["readOnly"] is True
+            weights = [path for path, claim in claim_of.items() if claim in weights_claims]
+            reads = [config_map["data"]["DSD_DATA_TEACHER_DIR"]] if box["name"] == "grids" else [
+                arg for arg in box.get("args", []) if arg.startswith("/") and not arg.startswith(data + "/")
+            ]
+            assert all(any(path.startswith(mount + "/") for mount in weights) for path in reads), (box["name"], reads)
 
 
 def test_job_pods_run_locked_down():
