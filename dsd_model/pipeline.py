@@ -161,6 +161,19 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     return latents.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
+def sample_latents(
+    parameters: torch.Tensor, generator: torch.Generator, shift_factor: float, scaling_factor: float
+) -> torch.Tensor:
+    """Sample VAE posteriors (mean and log-variance stacked on the channel axis) with `generator`, shift and scale
+    as the VAE config says, and pack into transformer tokens."""
+    distribution = DiagonalGaussianDistribution(parameters)
+    sample = randn_tensor(
+        distribution.mean.shape, generator=generator, device=parameters.device, dtype=parameters.dtype
+    )
+    latents = distribution.mean + distribution.std * sample
+    return pack_latents((latents - shift_factor) * scaling_factor)
+
+
 def unpack_latents(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Inverse of `pack_latents` for a latent grid of `height` x `width`."""
     b, _, channels = latents.shape
@@ -298,13 +311,7 @@ class DSDPipeline(DiffusionPipeline):
 
     def condition_latents(self, parameters: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Sample the posterior with `generator`, shift and scale, pack: the transformer's condition channels."""
-        distribution = DiagonalGaussianDistribution(parameters)
-        sample = randn_tensor(
-            distribution.mean.shape, generator=generator, device=parameters.device, dtype=parameters.dtype
-        )
-        latents = distribution.mean + distribution.std * sample
-        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-        return pack_latents(latents)
+        return sample_latents(parameters, generator, self.vae.config.shift_factor, self.vae.config.scaling_factor)
 
     # ------------------------------------------------------------------ stage functions
 

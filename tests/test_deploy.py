@@ -405,3 +405,128 @@ def test_probe_paths_metrics_and_grpc_health_answer_on_the_real_server(tmp_path)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         assert service.stop() == 0, service.log_tail()
+
+
+JOBS = K8S / "jobs"
+JOB_LAYOUTS = ("jobs", "jobs/vllm")
+
+
+@functools.cache
+def render_jobs(layout: str) -> tuple[dict, ...]:
+    done = subprocess.run([str(KUBECTL), "kustomize", str(K8S / layout)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return tuple(yaml.safe_load_all(done.stdout))
+
+
+def jobs() -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for doc in render_jobs("jobs") if doc["kind"] == "Job"}
+
+
+def job_argv(box: dict, index: int = 0) -> list[str]:
+    """The `dsd` command line a Job container runs, as worker `index` of an Indexed Job sees it."""
+    argv = [arg.replace("$(JOB_COMPLETION_INDEX)", str(index)) for arg in box["command"] + box.get("args", [])]
+    return argv[argv.index("dsd_model.cli") + 1 :]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("layout", JOB_LAYOUTS)
+def test_jobs_render_and_validate_strictly(layout, version):
+    for doc in render_jobs(layout):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_job_commands_parse_and_settings_are_the_data_pipelines_own(monkeypatch):
+    from dsd_model.cli import build_parser
+    from dsd_model.data.settings import DataSettings
+    from dsd_model.training import TrainConfig
+
+    (config_map,) = [doc for doc in render_jobs("jobs") if doc["kind"] == "ConfigMap"]
+    for name in [name for name in os.environ if name.startswith("DSD_")]:
+        monkeypatch.delenv(name)
+    for name, value in config_map["data"].items():
+        assert name.removeprefix("DSD_DATA_").lower() in DataSettings.model_fields, name
+        monkeypatch.setenv(name, value)
+    settings = DataSettings()
+    commands = {}
+    for name, job in jobs().items():
+        for box in job["spec"]["template"]["spec"].get("initContainers", []) + job["spec"]["template"]["spec"][
+            "containers"
+        ]:
+            args = build_parser().parse_args(job_argv(box))
+            commands[box["name"]] = args
+            if args.command == "data":
+                assert [source["configMapRef"]["name"] for source in box["envFrom"]] == [config_map["metadata"]["name"]]
+    assert set(commands) == {"grids", "curate", "merge", "pairs", "train"}
+    train = commands["train"]
+    config = TrainConfig(dataset=train.dataset, **{k: getattr(train, k) for k in TrainConfig.model_fields
+                                                     if k != "dataset" and hasattr(train, k)})
+    assert config.dataset == settings.resolved_dataset_dir, "training reads the dataset the pairs Job writes"
+    assert config.resume_from == "auto", "a retried training pod continues from its newest checkpoint"
+    vlm = [doc for doc in render_jobs("jobs/vllm") if doc["kind"] == "Service"][0]
+    url = urlsplit(settings.vlm_base_url)
+    assert url.hostname == vlm["metadata"]["name"] and url.port == vlm["spec"]["ports"][0]["port"]
+    (server,) = [doc for doc in render_jobs("jobs/vllm") if doc["kind"] == "Deployment"]
+    served = server["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert served[served.index("--served-model-name") + 1] == settings.vlm_model
+
+
+@pytest.mark.parametrize("name", ["dsd-grids", "dsd-curate"])
+def test_indexed_jobs_split_the_work_into_as_many_shards_as_pods(name):
+    from dsd_model.cli import build_parser
+    from dsd_model.data.manifest import Shard
+
+    spec = jobs()[name]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["parallelism"] == spec["completions"]
+    (box,) = spec["template"]["spec"]["containers"]
+    shards = [Shard.parse(build_parser().parse_args(job_argv(box, i)).shard) for i in range(spec["completions"])]
+    assert shards == [Shard(i, spec["completions"]) for i in range(spec["completions"])]
+
+
+def test_training_job_runs_one_process_per_gpu():
+    (box,) = jobs()["dsd-train"]["spec"]["template"]["spec"]["containers"]
+    launch = box["command"]
+    assert launch[:2] == ["accelerate", "launch"] and "--multi_gpu" in launch
+    assert int(launch[launch.index("--num_processes") + 1]) == box["resources"]["limits"]["nvidia.com/gpu"]
+
+
+def test_job_volumes_hold_the_work_dir_and_read_the_weights_read_only(monkeypatch):
+    weights_claims = {doc["metadata"]["name"] for doc in objects("gpu", "PersistentVolumeClaim")}
+    claims = {doc["metadata"]["name"]: doc for doc in render_jobs("jobs") if doc["kind"] == "PersistentVolumeClaim"}
+    assert claims["dsd-data"]["spec"]["accessModes"] == ["ReadWriteMany"], "shard workers write from several nodes"
+    (config_map,) = [doc for doc in render_jobs("jobs") if doc["kind"] == "ConfigMap"]
+    work_dir = config_map["data"]["DSD_DATA_WORK_DIR"]
+    for job in jobs().values():
+        pod = job["spec"]["template"]["spec"]
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        for box in pod.get("initContainers", []) + pod["containers"]:
+            mounts = {mount["mountPath"]: mount for mount in box["volumeMounts"]}
+            claim_of = {path: volumes[mount["name"]].get("persistentVolumeClaim", {}).get("claimName")
+                        for path, mount in mounts.items()}
+            (data,) = [path for path, claim in claim_of.items() if claim == "dsd-data"]
+            assert work_dir.startswith(data + "/") and not mounts[data].get("readOnly", False)
+            for path, claim in claim_of.items():
+                if claim not in (None, "dsd-data"):
+                    assert claim in weights_claims and mounts[path]["readOnly"] is True
+                    assert volumes[mounts[path]["name"]]["persistentVolumeClaim"]["readOnly"] is True
+            weights = [path for path, claim in claim_of.items() if claim in weights_claims]
+            reads = [config_map["data"]["DSD_DATA_TEACHER_DIR"]] if box["name"] == "grids" else [
+                arg for arg in box.get("args", []) if arg.startswith("/") and not arg.startswith(data + "/")
+            ]
+            assert all(any(path.startswith(mount + "/") for mount in weights) for path in reads), (box["name"], reads)
+
+
+def test_job_pods_run_locked_down():
+    for job in jobs().values():
+        pod = job["spec"]["template"]["spec"]
+        assert pod["restartPolicy"] == "Never" and pod["enableServiceLinks"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        for box in pod.get("initContainers", []) + pod["containers"]:
+            context = box["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert {"cpu", "memory"} <= box["resources"]["requests"].keys() and "memory" in box["resources"]["limits"]
+            assert "/tmp" in {mount["mountPath"] for mount in box["volumeMounts"] if "emptyDir" in
+                              volumes[mount["name"]]}

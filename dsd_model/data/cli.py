@@ -13,8 +13,9 @@ import logging
 from ..settings_flags import add_settings_flags, settings_from_args
 from .assemble import build_pairs
 from .chat import ChatError
-from .curate import curate_grids
-from .grids import render_grids
+from .curate import CURATION_FILE, curate_grids
+from .grids import GRIDS_FILE, render_grids
+from .manifest import merge_shards
 from .prompts import make_prompts
 from .settings import DataSettings
 from .structure import make_structure_pairs, write_structure_dataset
@@ -83,22 +84,28 @@ _STRUCTURE = (
 
 
 def add_data_commands(subparsers) -> None:
-    """Register `prompts`, `grids`, `curate`, `pairs`, `structure` and `run` (every stage of the recipe in order) on
-    an argparse subparsers object; each sets `handler`, a function of the parsed namespace."""
+    """Register `prompts`, `grids`, `curate`, `merge`, `pairs`, `structure` and `run` (every stage of the recipe in
+    order) on an argparse subparsers object; each sets `handler`, a function of the parsed namespace."""
     prompts = subparsers.add_parser("prompts", help="captions → grid prompts (LLM, or the offline template)")
     _add_caption_arguments(prompts)
     _add_settings_flags(prompts, _PROMPTS)
     prompts.set_defaults(handler=_prompts)
 
     grids = subparsers.add_parser("grids", help="render the grid prompts with the FLUX teacher")
-    _add_settings_flags(grids, _GRIDS)
+    _add_settings_flags(grids, (*_GRIDS, "shard"))
     grids.set_defaults(handler=_grids)
 
     curate = subparsers.add_parser(
         "curate", help="judge every panel of every grid (VLM, or offline by panel similarity)"
     )
-    _add_settings_flags(curate, _CURATE)
+    _add_settings_flags(curate, (*_CURATE, "shard"))
     curate.set_defaults(handler=_curate)
+
+    merge = subparsers.add_parser(
+        "merge", help="fold the manifest shards of `--shard` workers into grids.jsonl and curation.jsonl"
+    )
+    _add_settings_flags(merge, ("work_dir",))
+    merge.set_defaults(handler=_merge)
 
     pairs = subparsers.add_parser("pairs", help="accepted grids → paired dataset, summary and contact sheet")
     _add_settings_flags(pairs, _PAIRS)
@@ -159,6 +166,13 @@ def _grids(args: argparse.Namespace) -> None:
 @_command
 def _curate(args: argparse.Namespace) -> None:
     print(curate_grids(_settings(args)))
+
+
+@_command
+def _merge(args: argparse.Namespace) -> None:
+    work_dir = _settings(args).work_dir
+    for name in (GRIDS_FILE, CURATION_FILE):
+        print(f"{name}: merged {merge_shards(work_dir / name)} shard file(s)")
 
 
 @_command

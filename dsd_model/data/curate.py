@@ -148,12 +148,17 @@ def embedding_verdict(
 
 
 def curate_grids(settings: DataSettings) -> StageReport:
-    """Judge every rendered grid (and every grid that failed before) into `curation.jsonl`."""
+    """Judge every rendered grid (and every grid that failed before) into `curation.jsonl`, or with `shard` set, this
+    worker's share of them into its manifest shard."""
     grids = Manifest(settings.work_dir / GRIDS_FILE).records()
     if not grids:
         raise InputError("work_dir", f"{str(settings.work_dir)!r} has no rendered grids; run `dsd data grids` first")
     manifest = Manifest(settings.work_dir / CURATION_FILE)
     done = manifest.records()
+    worker = settings.resolved_shard
+    if worker is not None:
+        grids = {grid_id: grid for grid_id, grid in grids.items() if worker.owns(grid_id)}
+        manifest = worker.manifest(manifest.path)
     todo = [grid for grid in grids.values() if done.get(grid["id"], {}).get("status", "failed") == "failed"]
     backend = settings.resolved_curate_backend
     client = ChatClient(settings.endpoint("vlm"), settings) if todo and backend == "vlm" else None

@@ -1,7 +1,8 @@
 """Stage 2, `grids`: the teachers (local diffusers text-to-image pipelines) render every grid prompt, in batches,
 with recorded seeds and teachers.
 
-Images go to `grids/<shard>/<grid id>.png` under the work directory, `shard_size` grids per shard. With several
+Images go to `grids/<shard>/<grid id>.png` under the work directory, `shard_size` grids per subdirectory. With
+`shard` set, a worker renders only its share of the grids and records them in its own manifest shard. With several
 teachers (`teachers`), each grid's teacher is drawn from the mix weights by its id; teachers are loaded one at a
 time, each rendering all of its grids before the next is loaded.
 """
@@ -117,6 +118,7 @@ def render_grids(settings: DataSettings, teacher=None) -> StageReport:
     manifest = Manifest(settings.work_dir / GRIDS_FILE)
     done = manifest.records()
     check_layout(done.values(), layout, manifest.path)
+    worker = settings.resolved_shard
 
     mix = settings.teacher_mix()
     grids = []
@@ -141,6 +143,9 @@ def render_grids(settings: DataSettings, teacher=None) -> StageReport:
                     "path": f"{GRIDS_DIR}/{shard}/{grid_id}.png",
                 }
             )
+    if worker is not None:
+        grids = [grid for grid in grids if worker.owns(grid["id"])]
+        manifest = worker.manifest(manifest.path)
     todo = [grid for grid in grids if grid["id"] not in done]
 
     with tqdm(total=len(todo), desc="grids", unit="grid") as bar:

@@ -3,13 +3,19 @@
 A manifest is an append-only JSONL file with one record per finished item, keyed by `id`; a later record of the
 same id replaces an earlier one. Each record is appended with one write and flushed to disk, so an interrupted run
 leaves at most a torn last line, which opening the manifest drops.
+
+Workers that split a stage (`--shard i/n`) each append to a shard file of their own next to the manifest,
+`grids.shard-00000-of-00004.jsonl`, so no two processes write one file (a shared volume need not support
+concurrent appends). Reading a manifest reads it together with its shard files; `merge_shards` folds them in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +32,12 @@ class Manifest:
         self._drop_torn_tail()
 
     def records(self) -> dict[str, dict]:
-        if not self.path.exists():
-            return {}
-        return {record["id"]: record for _, record in read_jsonl(self.path)}
+        """Every item's latest record, from the manifest and then its shard files."""
+        records = {}
+        for path in [self.path, *shard_files(self.path)]:
+            if path.exists():
+                records.update((record["id"], record) for _, record in read_jsonl(path))
+        return records
 
     def append(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
@@ -44,6 +53,52 @@ class Manifest:
         if data and not data.endswith(b"\n"):
             with self.path.open("r+b") as handle:
                 handle.truncate(data.rfind(b"\n") + 1)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Worker `index` of `count`: it owns the items whose id hashes to `index` (a stable hash, so the split needs no
+    coordination and does not move when items are added)."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+        if match is None:
+            raise ValueError(f"must be INDEX/COUNT, e.g. 0/4, got {text!r}")
+        index, count = int(match[1]), int(match[2])
+        if not 0 <= index < count:
+            raise ValueError(f"index {index} must be at least 0 and below the count {count}")
+        return cls(index, count)
+
+    def owns(self, item_id: str) -> bool:
+        return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") % self.count == self.index
+
+    def manifest(self, path: Path) -> Manifest:
+        """This worker's shard file of the manifest at `path`."""
+        return Manifest(path.with_name(f"{path.stem}.shard-{self.index:05d}-of-{self.count:05d}{path.suffix}"))
+
+
+def shard_files(path: Path) -> list[Path]:
+    pattern = re.compile(re.escape(path.stem) + r"\.shard-\d{5}-of-\d{5}" + re.escape(path.suffix))
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def merge_shards(path: Path) -> int:
+    """Fold the shard files of the manifest at `path` into it (rewritten atomically) and delete them; return how
+    many shard files were merged. Run it when no worker writes any more."""
+    shards = shard_files(path)
+    if shards:
+        records = Manifest(path).records()
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records.values())
+        write_atomic(path, lines.encode("utf-8"))
+        for shard in shards:
+            shard.unlink()
+    return len(shards)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ..errors import InputError
 from ..settings import resolve_device, resolve_dtype
 from .layout import GridLayout, parse_layout
+from .manifest import Shard
 
 TINY_TEACHER = "tiny"
 """The teacher name of the built-in tiny FLUX pipeline."""
@@ -108,6 +109,10 @@ class DataSettings(ChatSettings):
     seed: int = Field(0, ge=0, description="Base seed; each grid's seed is derived from it and the grid id.")
     shard_size: int = Field(1000, ge=1, description="Grid images per subdirectory, so no directory grows huge.")
     device: str = Field("auto", description="`auto` = cuda when available, else cpu.")
+    shard: str | None = Field(
+        None, description="`INDEX/COUNT`: this worker of COUNT does only the grids whose id hashes to INDEX and "
+        "writes its own manifest shard (`grids` and `curate`); unset, one worker does everything.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="`auto` = bfloat16 on cuda (FLUX.1-dev's training precision), float32 on cpu."
     )
@@ -185,6 +190,11 @@ class DataSettings(ChatSettings):
             raise ValueError(f"must be a multiple of {PIXEL_MULTIPLE}")
         return value
 
+    @field_validator("shard")
+    @classmethod
+    def _check_shard(cls, value: str | None) -> str | None:
+        return None if value is None else "{0.index}/{0.count}".format(Shard.parse(value))
+
     @field_validator("llm_base_url", "vlm_base_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
@@ -226,6 +236,10 @@ class DataSettings(ChatSettings):
     @property
     def grid_layout(self) -> GridLayout:
         return parse_layout(self.layout)
+
+    @property
+    def resolved_shard(self) -> Shard | None:
+        return None if self.shard is None else Shard.parse(self.shard)
 
     @property
     def resolved_prompt_backend(self) -> Literal["llm", "template"]:

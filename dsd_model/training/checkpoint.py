@@ -7,8 +7,13 @@
         config.json             the settings of the run that wrote it
 
 The data position and the per-batch noise follow from the step (`dataset.sample_indices`, `derive_seed`), so they
-need no state of their own. A checkpoint is written under a temporary name and renamed when complete, so an
-interrupted save never looks like a checkpoint.
+need no state of their own. A run may resume with another number of processes and gradient accumulation steps when
+the global batch (processes x batch_size x gradient_accumulation_steps) stays the same: it then trains the same
+examples with the same draws. LoRA dropout is the exception: its global RNG streams are per process, so a process
+without a saved state of its own starts a fresh stream seeded by (seed, step, process).
+
+A checkpoint is written under a temporary name and renamed when complete, so an interrupted save never looks like a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from .config import RESUMABLE_CHANGES, TrainConfig
+from .dataset import derive_seed
 from .errors import CheckpointError
 
 PREFIX = "step-"
+REDISTRIBUTABLE = frozenset({"gradient_accumulation_steps"})
+"""Fields that may change on resume when the global batch stays the same (checked against the saved one)."""
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -56,7 +64,8 @@ def save_checkpoint(
         save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler},
+            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler,
+             "global_batch": global_batch(config, accelerator.num_processes)},
             tmp / "state.pt",
         )
         (tmp / "config.json").write_text(config.model_dump_json(indent=2))
@@ -73,8 +82,14 @@ def save_checkpoint(
     return final
 
 
+def global_batch(config: TrainConfig, processes: int) -> int:
+    """Examples per optimizer step over all processes."""
+    return processes * config.batch_size * config.gradient_accumulation_steps
+
+
 def checkpoint_to_resume(config: TrainConfig) -> Path | None:
-    """The checkpoint `config.resume_from` names, checked to exist and to come from a run with the same settings.
+    """The checkpoint `config.resume_from` names (none for `auto` in a directory without checkpoints), checked to
+    exist and to come from a run with the same settings.
     A new run refuses an output directory holding another run's checkpoints, which it would mix with its own."""
     found = list_checkpoints(config.output_dir)
     if config.resume_from is None:
@@ -84,7 +99,9 @@ def checkpoint_to_resume(config: TrainConfig) -> Path | None:
                 f"{found[-1].name}); set resume_from='latest' to continue it, or choose another output_dir"
             )
         return None
-    if config.resume_from == "latest":
+    if config.resume_from == "auto" and not found:
+        return None
+    if config.resume_from in ("latest", "auto"):
         if not found:
             raise CheckpointError(
                 f"resume_from='latest' but {str(checkpoints_dir(config.output_dir))!r} holds no checkpoint; "
@@ -106,7 +123,7 @@ def _check_same_settings(path: Path, config: TrainConfig) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} has no readable config.json: {exc}") from exc
     changed = [
         name for name in TrainConfig.model_fields
-        if name not in RESUMABLE_CHANGES and getattr(saved, name) != getattr(config, name)
+        if name not in RESUMABLE_CHANGES | REDISTRIBUTABLE and getattr(saved, name) != getattr(config, name)
     ]
     if changed:
         details = ", ".join(f"{n}: {getattr(saved, n)!r} -> {getattr(config, n)!r}" for n in changed)
@@ -118,6 +135,7 @@ def _check_same_settings(path: Path, config: TrainConfig) -> None:
 
 def load_checkpoint(
     path: Path,
+    config: TrainConfig,
     accelerator: Accelerator,
     params: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
@@ -127,11 +145,20 @@ def load_checkpoint(
     try:
         tensors = load_file(str(path / "trainable.safetensors"))
         state = torch.load(path / "state.pt", weights_only=True)
-        rng = torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True)
+        rng_path = path / f"rng-{accelerator.process_index}.pt"
+        rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
     except Exception as exc:  # a damaged file surfaces as one of many error types
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {exc}") from exc
     if set(tensors) != set(params):
         raise CheckpointError(f"checkpoint {str(path)!r} holds other trainable parameters than this model has")
+    current = global_batch(config, accelerator.num_processes)
+    if state["global_batch"] != current:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was trained with a global batch of {state['global_batch']} examples per step; "
+            f"this run has {current} ({accelerator.num_processes} process(es) x batch_size {config.batch_size} x "
+            f"gradient_accumulation_steps {config.gradient_accumulation_steps}): set gradient_accumulation_steps so "
+            "the product stays the same"
+        )
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])
@@ -139,7 +166,10 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng is None:
+        torch.manual_seed(derive_seed(config.seed, int(state["step"]), accelerator.process_index))
+    else:
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"])

@@ -23,6 +23,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: Path = Field(description="Dataset directory holding pairs.jsonl and the images it names.")
+    embedding_cache: Path | None = Field(
+        None, description="Directory written by `dsd train-cache` for this dataset and model: train from its VAE "
+        "posteriors and prompt embeddings, without the VAE encoder and text encoders. Unset: encode every step."
+    )
     output_dir: Path = Field(
         Path("outputs/train"),
         description="Where the adapter, checkpoints, loss.csv and loss.png are written.",
@@ -103,8 +107,9 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(
         2, ge=1, description="Newest checkpoints kept; at rank 512 one checkpoint with optimizer state is ~10 GB."
     )
-    resume_from: Literal["latest"] | Path | None = Field(
-        None, description="Checkpoint directory to resume from, or `latest` for the newest in output_dir."
+    resume_from: Literal["latest", "auto"] | Path | None = Field(
+        None, description="Checkpoint directory to resume from, `latest` for the newest in output_dir, or `auto`: "
+        "the newest if there is one, else a new run (for a job that is retried)."
     )
     eval_every: int = Field(
         0, ge=0, description="Optimizer steps between runs of the eval split (0: never), scored with the "

@@ -37,15 +37,20 @@ class PairDataset:
     def __init__(self, directory: str | Path, size: int):
         self.directory = Path(directory)
         self.size = size
+        self.pairs = self.read(self.directory)
+        for pair in self.pairs:
+            for field in ("reference", "target"):
+                self._check_header(pair, field)
+
+    @staticmethod
+    def read(directory: Path) -> list[Pair]:
+        """The records of `directory`'s pairs.jsonl, without opening the images."""
         try:
-            self.pairs: list[Pair] = read_pairs(self.directory)
+            return read_pairs(directory)
         except FileNotFoundError as exc:
             raise DatasetError(f"{exc}; point `dataset` at a directory written by the curation stage") from exc
         except ValueError as exc:
             raise DatasetError(str(exc)) from exc
-        for pair in self.pairs:
-            for field in ("reference", "target"):
-                self._check_header(pair, field)
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from ..pipeline import VAE_SCALE_FACTOR, DSDPipeline, latent_image_ids
+from ..pipeline import DSDPipeline, latent_image_ids, sample_latents
 from .config import TrainConfig
 from .dataset import TrainingBatch
+from .embedding_cache import CachedBatch
 
 
 @dataclass
@@ -67,30 +68,25 @@ def draw_dropout(size: int, config: TrainConfig, generator: torch.Generator) -> 
 
 @torch.no_grad()
 def flow_matching_inputs(
-    pipe: DSDPipeline, batch: TrainingBatch, config: TrainConfig, generator: torch.Generator
+    pipe: DSDPipeline, batch: TrainingBatch | CachedBatch, config: TrainConfig, generator: torch.Generator
 ) -> FlowMatchingInputs:
-    """Encode a batch and draw its randomness from `generator` in a fixed order: condition dropout, text dropout,
-    timesteps, the VAE posterior samples, the noise. The same generator state gives the same inputs."""
+    """Encode a batch (or take its cached encodings) and draw its randomness from `generator` in a fixed order:
+    condition dropout, text dropout, timesteps, the VAE posterior samples, the noise. The same generator state
+    gives the same inputs, cached or not."""
     device, dtype = pipe._execution_device, pipe.transformer.dtype
-    size = len(batch.captions)
+    size = batch.targets.shape[0]
     condition_dropped, text_dropped = draw_dropout(size, config, generator)
     t = torch.sigmoid(config.logit_mean + config.logit_std * torch.randn(size, generator=generator))
 
-    canvases = torch.cat([batch.targets, batch.conditions]).to(device=device, dtype=pipe.vae.dtype)
-    parameters = pipe.vae.encode(canvases).latent_dist.parameters
-    x0, condition = pipe.condition_latents(parameters, generator).float().chunk(2)
+    parameters, shift_factor, scaling_factor, prompt_embeds, pooled = _encode(pipe, batch, text_dropped)
+    x0, condition = sample_latents(parameters, generator, shift_factor, scaling_factor).float().chunk(2)
     condition[condition_dropped.to(device)] = 0
     noise = torch.randn(x0.shape, generator=generator).to(device)
 
     sigmas = shift_sigmas(t, x0.shape[1], pipe.scheduler.config).to(device)
     s = sigmas[:, None, None]
     noisy = (1 - s) * x0 + s * noise
-
-    captions = [
-        "" if dropped else caption for caption, dropped in zip(batch.captions, text_dropped.tolist(), strict=True)
-    ]
-    prompt_embeds, pooled = pipe.encode_prompt(captions)
-    height, width = (side // VAE_SCALE_FACTOR for side in batch.targets.shape[2:])
+    height, width = parameters.shape[2:]
     return FlowMatchingInputs(
         hidden_states=torch.cat([noisy, condition], dim=2).to(dtype),
         sigmas=sigmas.to(dtype),
@@ -104,6 +100,24 @@ def flow_matching_inputs(
         condition_dropped=condition_dropped,
         text_dropped=text_dropped,
     )
+
+
+def _encode(pipe: DSDPipeline, batch: TrainingBatch | CachedBatch, text_dropped: torch.Tensor) -> tuple:
+    """VAE posterior parameters of [targets, conditions] with the VAE's shift and scale, and the prompt embeddings
+    (the empty prompt's where the text is dropped): from the encoders, or from the embedding cache."""
+    device, dtype = pipe._execution_device, pipe.transformer.dtype
+    if isinstance(batch, CachedBatch):
+        parameters = torch.cat([batch.targets, batch.conditions]).to(device)
+        prompt_embeds = torch.where(text_dropped[:, None, None], batch.empty_embeds, batch.prompt_embeds)
+        pooled = torch.where(text_dropped[:, None], batch.empty_pooled, batch.pooled)
+        return (parameters, batch.shift_factor, batch.scaling_factor, prompt_embeds.to(device, dtype),
+                pooled.to(device, dtype))
+    canvases = torch.cat([batch.targets, batch.conditions]).to(device=device, dtype=pipe.vae.dtype)
+    parameters = pipe.vae.encode(canvases).latent_dist.parameters
+    captions = [
+        "" if dropped else caption for caption, dropped in zip(batch.captions, text_dropped.tolist(), strict=True)
+    ]
+    return (parameters, pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor, *pipe.encode_prompt(captions))
 
 
 def predict_velocity(transformer: torch.nn.Module, inputs: FlowMatchingInputs) -> torch.Tensor:

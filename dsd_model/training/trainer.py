@@ -26,6 +26,7 @@ from ..pipeline import DSDPipeline
 from .checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .dataset import PairDataset, derive_seed, sample_indices
+from .embedding_cache import EmbeddingCache, encoder_identity, model_dir_of
 from .errors import TrainingError, TrainingOutOfMemoryError
 from .logs import LossLog, plot_loss, read_loss
 from .lora import EMBEDDER, check_base_model, save_adapter, trainable_adapter
@@ -59,12 +60,12 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
     """
     # 1. Check settings, dataset and base model before any work
     check_requirements(config)
-    dataset = PairDataset(config.dataset, config.size)
     if pipe is None:
         from ..tiny import build_tiny_components
 
         pipe = DSDPipeline(**build_tiny_components())
     check_base_model(pipe)
+    dataset = _training_data(config, pipe)
     checkpoint = checkpoint_to_resume(config)
 
     # 2. Devices, precision and seeds
@@ -91,7 +92,7 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
             config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=config.max_steps,
         )
-        start = load_checkpoint(checkpoint, accelerator, params, optimizer, scheduler) if checkpoint else 0
+        start = load_checkpoint(checkpoint, config, accelerator, params, optimizer, scheduler) if checkpoint else 0
         transformer, optimizer = accelerator.prepare(pipe.transformer, optimizer)
         evaluate = _eval_split(config, start) if accelerator.is_main_process else None
 
@@ -99,9 +100,11 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
         try:
             _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, scheduler, start, precision,
                   evaluate)
+        except BaseException:
+            accelerator.end_training()
+            raise
         finally:
             accelerator.unwrap_model(transformer, keep_fp32_wrapper=False)
-            accelerator.end_training()
 
         # 5. Export the adapter
         adapter_path = config.output_dir / ADAPTER_FILE
@@ -117,7 +120,17 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
         if evaluate is not None:
             plot_eval(config.output_dir / "eval.csv", config.output_dir / "eval.png")
     losses = [row[1] for row in read_loss(config.output_dir / "loss.csv")]
+    accelerator.end_training()  # after the last barrier: it closes the process group
     return TrainResult(adapter_path=adapter_path, output_dir=config.output_dir, steps=config.max_steps, losses=losses)
+
+
+def _training_data(config: TrainConfig, pipe: DSDPipeline) -> PairDataset | EmbeddingCache:
+    """The pairs to encode each step, or their cached encodings, checked against this model's encoders."""
+    if config.embedding_cache is None:
+        return PairDataset(config.dataset, config.size)
+    pair_ids = [pair.id for pair in PairDataset.read(config.dataset)]
+    identity = encoder_identity(pipe, config.size, model_dir_of(pipe))
+    return EmbeddingCache(config.embedding_cache, identity, pair_ids)
 
 
 def _optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -140,7 +153,9 @@ def _eval_split(config: TrainConfig, start: int) -> TrainingEval | None:
 def _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, scheduler, start, precision,
           evaluate) -> None:
     """Optimizer steps `start + 1` .. `max_steps`. Micro-batch `m` of process `r` reads stream positions
-    `(m * processes + r) * batch_size ...` and draws its randomness from a generator seeded by (seed, m, r)."""
+    `p = (m * processes + r) * batch_size ...` and draws its randomness from a generator seeded by (seed, p). So the
+    examples and draws of an optimizer step depend on the global batch only, not on how it is split into processes
+    and accumulated micro-batches: 2 processes x 1 micro-batch train as 1 process x 2 micro-batches."""
     log = LossLog(config.output_dir / "loss.csv", start) if accelerator.is_main_process else None
     processes, process = accelerator.num_processes, accelerator.process_index
     progress = tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_local_main_process)
@@ -152,7 +167,7 @@ def _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, sc
                 index = step * config.gradient_accumulation_steps + micro
                 first = (index * processes + process) * config.batch_size
                 batch = dataset.batch(sample_indices(len(dataset), config.seed, first, config.batch_size))
-                generator = torch.Generator().manual_seed(derive_seed(config.seed, index, process))
+                generator = torch.Generator().manual_seed(derive_seed(config.seed, first))
                 with accelerator.accumulate(transformer):
                     inputs = flow_matching_inputs(pipe, batch, config, generator)
                     loss = flow_matching_loss(transformer, inputs)

@@ -77,3 +77,10 @@ def test_resume_latest_without_checkpoint(make_config, build_pipe):
 def test_resume_from_a_directory_that_is_no_checkpoint(make_config, build_pipe, tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         train(make_config(resume_from=tmp_path), build_pipe())
+
+
+def test_resume_auto_starts_a_new_run_then_continues_it(make_config, build_pipe):
+    first = train(make_config(max_steps=1, checkpoint_every=1, resume_from="auto"), build_pipe())
+    second = train(make_config(max_steps=2, checkpoint_every=1, resume_from="auto"), build_pipe())
+    assert second.losses[0] == first.losses[0] and len(second.losses) == 2
+    assert [p.name for p in list_checkpoints(second.output_dir)] == ["step-0000001", "step-0000002"]

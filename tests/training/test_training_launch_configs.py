@@ -1,0 +1,32 @@
+"""The accelerate launch configs under deploy/accelerate load with accelerate's own (key-strict) loader and name
+modules that exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import diffusers.models.transformers.transformer_flux as flux
+import pytest
+from accelerate.commands.config.config_args import ClusterConfig
+from accelerate.utils import DistributedType
+
+CONFIGS = Path(__file__).resolve().parents[2] / "deploy" / "accelerate"
+
+
+@pytest.mark.parametrize(("name", "kind"), [("ddp", DistributedType.MULTI_GPU), ("fsdp", DistributedType.FSDP),
+                                            ("deepspeed-zero2", DistributedType.DEEPSPEED)])
+def test_launch_config_loads(name, kind):
+    config = ClusterConfig.from_yaml_file(str(CONFIGS / f"{name}.yaml"))
+    assert config.distributed_type == kind and config.num_machines == 1
+    assert config.mixed_precision == "no", "precision comes from `dsd train --mixed-precision`"
+
+
+def test_fsdp_wraps_the_flux_blocks():
+    config = ClusterConfig.from_yaml_file(str(CONFIGS / "fsdp.yaml"))
+    blocks = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert blocks and all(isinstance(getattr(flux, block, None), type) for block in blocks)
+    assert config.fsdp_config["fsdp_use_orig_params"] is True
+
+
+def test_deepspeed_is_zero_stage_2():
+    assert ClusterConfig.from_yaml_file(str(CONFIGS / "deepspeed-zero2.yaml")).deepspeed_config["zero_stage"] == 2
