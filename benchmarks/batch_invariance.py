@@ -1,5 +1,5 @@
 """How far a request's image moves when it shares forwards with other requests: the bound of the reproducibility
-contract (README, "Reproducibility").
+contract (docs/serving.md, "Reproducibility").
 
 Each of `--requests` seeded requests (random prompt, 2-6 steps, some with true CFG) is generated alone, then again
 inside `--mixes` random batches of 2-8 requests with different step counts, so its rows meet other rows at every

@@ -3,7 +3,7 @@ real-size encoders (DINOv2-base, CLIP ViT-L/14; random weights, the cost does no
 
 The scores of one image share work: CLIP-I and CLIP-T use the same image embedding, and each reference and prompt
 is embedded once per batch here (a run embeds them per batch too). The judge's cost is tokens at the judge's
-prices, not compute here: see the README.
+prices, not compute here: see docs/evaluation.md.
 
     python benchmarks/eval_metrics.py [--sizes tiny real] [--images 16] [--batch 8] [--repeats 3] [--device cpu]
 """

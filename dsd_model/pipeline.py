@@ -527,8 +527,9 @@ class DSDPipeline(DiffusionPipeline):
         right half of the decoded canvas, or the whole canvas with `full_canvas=True`. `output_type`: "pil", "pt"
         (float tensors in [0, 1]) or "np".
 
-        Images that share a forward may differ from the same image generated alone by float rounding (README,
-        "Reproducibility"); an image with `exact=True` runs in forwards of its own and equals it byte for byte.
+        Images that share a forward may differ from the same image generated alone by float rounding
+        (docs/serving.md, "Reproducibility"); an image with `exact=True` runs in forwards of its own and equals it
+        byte for byte.
 
         `callback_on_step_end(pipe, step, states)` runs after each batched forward.
         """

@@ -37,7 +37,7 @@ K8S = ROOT / "deploy" / "k8s"
 KUBECTL = Path(sys.executable).parent / "kubectl"
 OVERLAYS = sorted(path.parent.name for path in (K8S / "overlays").glob("*/kustomization.yaml"))
 DASHBOARD = ROOT / "deploy" / "grafana" / "dsd-dashboard.json"
-OPERATING = ROOT / "README.md"
+OPERATING = ROOT / "docs" / "deployment.md"
 CUSTOM_RESOURCES = {("keda.sh/v1alpha1", "ScaledObject"): ScaledObject,
                     ("monitoring.coreos.com/v1", "ServiceMonitor"): ServiceMonitor,
                     ("monitoring.coreos.com/v1", "PrometheusRule"): PrometheusRule}
@@ -334,8 +334,8 @@ def test_tls_files_come_from_a_read_only_secret_and_the_ingress_terminates_https
 
 
 def operator_secrets(overlay: str) -> list[str]:
-    """How the README must tell the operator to create each Secret the overlay names but does not render (regular
-    expressions of the `kubectl` commands; a mounted Secret may hold a TLS pair or any files)."""
+    """How docs/deployment.md must tell the operator to create each Secret the overlay names but does not render
+    (regular expressions of the `kubectl` commands; a mounted Secret may hold a TLS pair or any files)."""
     server = container(overlay)
     pod = named(overlay, "Deployment", SERVICE)["spec"]["template"]["spec"]
     commands = []

@@ -14,10 +14,10 @@ from dsd_model.pipeline import latent_image_ids, pack_latents, unpack_latents
 from helpers import random_image
 
 BATCH_TOLERANCE = 2e-5
-"""The reproducibility contract's bound (README, "Reproducibility"): a row computed inside a batch differs from the
-same row computed alone only by float rounding of batched kernels. On the tiny profile's float32 images in [0, 1]
-benchmarks/batch_invariance.py measures at most 1.7e-6 over 142 rows in 40 random batches; the bound leaves room for
-other CPUs' kernels."""
+"""The reproducibility contract's bound (docs/serving.md, "Reproducibility"): a row computed inside a batch differs
+from the same row computed alone only by float rounding of batched kernels. On the tiny profile's float32 images in
+[0, 1] benchmarks/batch_invariance.py measures at most 1.7e-6 over 142 rows in 40 random batches; the bound leaves
+room for other CPUs' kernels."""
 BATCH_LEVELS = 1
 """The same bound on 8-bit images: a difference far below one level (1/255) can still flip one rounding."""
 
