@@ -21,16 +21,7 @@ from PIL import Image
 
 from dsd_model.eval.embeddings import Encoders, pixel_difference
 from dsd_model.eval.random_encoders import write_random_encoders
-
-
-def median_seconds(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+from latent_cache import median_seconds
 
 
 def main() -> None:
