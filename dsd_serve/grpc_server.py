@@ -36,6 +36,7 @@ from .grpc_stubs import dsd_pb2, dsd_pb2_grpc
 from .http import REQUEST_ID
 
 if TYPE_CHECKING:
+    from .jobs import Jobs
     from .runtime import Runtime, Submission
 
 logger = logging.getLogger(__name__)
@@ -182,8 +183,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
     """Converts, submits to the runtime, converts back; every failure is raised for the interceptor to map."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, jobs: Jobs | None = None):
         self.settings = settings
+        self.jobs = jobs
         self.runtime: Runtime | None = None
         """Set by `GrpcServer.attach` once the model is loaded."""
 
@@ -247,9 +249,9 @@ class GrpcServer:
     hands it the loaded runtime and turns health SERVING; `stop_serving` turns health NOT_SERVING for good (on
     SIGTERM); `stop` lets calls in flight finish and closes. Every method may be called from any thread."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, jobs: Jobs | None = None):
         self.settings = settings
-        self.servicer = DSDServicer(settings)
+        self.servicer = DSDServicer(settings, jobs)
         self.port: int | None = None
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None

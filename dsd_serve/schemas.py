@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dsd_model import limits
 
@@ -35,6 +35,29 @@ class GenerateJSON(GenerateParams):
     """The JSON body of `POST /generate`: the parameters plus the reference image as base64."""
 
     image: Annotated[str, Field(min_length=1, description="reference image (PNG, JPEG or WebP), base64")]
+
+
+class JobFields(BaseModel):
+    """What `POST /v1/jobs` accepts beside the generation request."""
+
+    webhook: Annotated[str, Field(min_length=1, max_length=2048)] | None = Field(
+        None, description="http(s) URL that receives the job's end as a signed Standard Webhooks POST")
+    webhook_events: list[str] | None = Field(
+        None, description="events to send: job.succeeded, job.failed, job.canceled (all when absent); a "
+        "comma-separated string in multipart forms")
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _split(cls, value):
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+
+class JobParams(GenerateParams, JobFields):
+    """A multipart job request's fields."""
+
+
+class JobJSON(GenerateJSON, JobFields):
+    """The JSON body of `POST /v1/jobs`: the body of `POST /generate` plus the webhook."""
 
 
 class Timings(BaseModel):
