@@ -33,6 +33,8 @@ from dsd_model.settings import Settings
 
 from . import grpc_convert as convert
 from .grpc_stubs import dsd_pb2, dsd_pb2_grpc
+from .jobs import TERMINAL, JobEnded, JobNotFound, JobSpec, JobStoreError
+from .webhooks import EVENTS
 from .http import REQUEST_ID
 
 if TYPE_CHECKING:
@@ -51,6 +53,8 @@ IMAGE_BYTES = 3 * limits.MAX_SIZE**2 + 64 * 1024
 DEADLINE_SLACK_S = 0.25
 """A call cancelled this close to its deadline counts as timed out: the client's side of the deadline fires first, and
 its cancellation reaches the server up to one network delay before the server's own copy of the deadline passes."""
+WATCH_POLL_S = 0.2
+"""How often WatchJob reads the job; progress of one denoising step is rarely faster on a GPU."""
 STOP_GRACE_S = 10.0
 """Stopping waits this long for calls in flight; it comes after the engine drained, so they only encode and send.
 Health Watch streams stay open until it ends."""
@@ -84,6 +88,12 @@ def status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str, t
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         return grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {first['msg']}", (("field", field),), "invalid_argument"
+    if isinstance(exc, JobNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc), (("field", "id"),), "not_found"
+    if isinstance(exc, JobEnded):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc), (("field", "id"),), "conflict"
+    if isinstance(exc, JobStoreError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), (("retry-after-s", RETRY_UNAVAILABLE_S),), "rejected"
     if isinstance(exc, QueueFull):
         retry = (("retry-after-s", str(int(exc.retry_after))),)
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), retry, "rejected"
@@ -189,11 +199,15 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
         self.runtime: Runtime | None = None
         """Set by `GrpcServer.attach` once the model is loaded."""
 
-    async def _submit(self, request: dsd_pb2.GenerateRequest, context) -> tuple[Runtime, Submission]:
+    def _ready_runtime(self) -> Runtime:
         runtime = self.runtime
         if runtime is None or not runtime.engine.ready:
             raise RpcFault(grpc.StatusCode.UNAVAILABLE, "the model is loading or the server is draining", "unavailable",
                            (("retry-after-s", RETRY_UNAVAILABLE_S),))
+        return runtime
+
+    async def _submit(self, request: dsd_pb2.GenerateRequest, context) -> tuple[Runtime, Submission]:
+        runtime = self._ready_runtime()
         params = convert.to_params(request, context.time_remaining(), self.settings.max_deadline_s)
         submission = await runtime.submit(params, request.image, request_id=current_request_id.get())
         return runtime, submission
@@ -218,6 +232,42 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
             submission.cancel(cancel_reason(context))
             raise
         yield convert.to_result_event(result, submission, runtime)
+
+    def _jobs(self) -> Jobs:
+        if self.jobs is None:
+            raise RpcFault(grpc.StatusCode.UNAVAILABLE, "jobs are not available on this server", "unavailable")
+        return self.jobs
+
+    async def _job(self, job_id: str) -> dsd_pb2.Job:
+        jobs = self._jobs()
+        view = await jobs.view(job_id)
+        return convert.to_job(view, await jobs.images(view) if view["status"] == "succeeded" else None)
+
+    async def SubmitJob(self, request, context):
+        runtime = self._ready_runtime()
+        params = convert.to_params(request.request, None, self.settings.max_deadline_s)
+        spec = JobSpec(params, request.webhook or None, list(request.webhook_events) or list(EVENTS))
+        job_id, _ = await self._jobs().submit(runtime, spec, request.request.image, request.idempotency_key or None)
+        return await self._job(job_id)
+
+    async def GetJob(self, request, context):
+        return await self._job(request.id)
+
+    async def WatchJob(self, request, context):
+        jobs, last = self._jobs(), None
+        while True:
+            view = await jobs.view(request.id)
+            key = (view["status"], view["position"], view["progress"]["step"])
+            if view["status"] in TERMINAL:
+                yield convert.to_job(view, await jobs.images(view) if view["status"] == "succeeded" else None)
+                return
+            if key != last:
+                last = key
+                yield convert.to_job(view)
+            await asyncio.sleep(WATCH_POLL_S)
+
+    async def CancelJob(self, request, context):
+        return convert.to_job(await self._jobs().cancel(request.id))
 
 
 def read_pem(path: Path, setting: str) -> bytes:

@@ -58,6 +58,11 @@ def error_response(exc: BaseException, request_id: str) -> tuple[JSONResponse, s
         message = f"{field}: {first['msg']}" if field else first["msg"]
         if first["type"] == "extra_forbidden":
             message = f"{field}: unknown field; accepted fields: {', '.join(sorted(GenerateJSON.model_fields))}"
+    elif isinstance(exc, job_queue.JobNotFound):
+        status, code = (410, "expired") if exc.expired else (404, "not_found")
+        message, field, outcome = str(exc), "job_id", code
+    elif isinstance(exc, job_queue.JobEnded):
+        status, code, message, field, outcome = 409, "conflict", str(exc), "job_id", "conflict"
     elif isinstance(exc, job_queue.JobStoreError):
         status, code, message, field, outcome = 503, "unavailable", str(exc), None, "rejected"
         headers["Retry-After"] = "5"
@@ -264,24 +269,11 @@ def ready_runtime(request: Request):
 async def submit_job(request: Request, runtime, spec: job_queue.JobSpec, image: bytes) -> JSONResponse:
     jobs = job_store(request)
     job_id, created = await jobs.submit(runtime, spec, image, request.headers.get("idempotency-key"))
-    view = await find_job(jobs, job_id)
+    view = await jobs.view(job_id)
     headers = {"Location": view["links"]["self"], "X-Request-ID": job_id}
     if not created:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(view, status_code=202, headers=headers)
-
-
-async def find_job(jobs: job_queue.Jobs, job_id: str) -> dict:
-    """The job's status document; 404 for an id never issued, 410 for one whose results expired."""
-    if not job_queue.JOB_ID.match(job_id):
-        raise ClientFault(404, "not_found", f"{job_id!r} is not a job id (28 hexadecimal digits)", field="job_id")
-    view = job_queue.job_view(job_id, await jobs.call("get", job_id), jobs.settings)
-    if view is not None:
-        return view
-    if time.time() - job_queue.submitted_at(job_id) > jobs.settings.jobs_result_ttl_s:
-        raise ClientFault(410, "expired", f"job {job_id} and its results expired; results are kept "
-                          f"{jobs.settings.jobs_result_ttl_s} s (DSD_JOBS_RESULT_TTL_S)", field="job_id")
-    raise ClientFault(404, "not_found", f"no job {job_id}", field="job_id")
 
 
 async def generate_as_job(request: Request, runtime, params: GenerateParams, image: bytes, request_id: str):
@@ -293,7 +285,7 @@ async def generate_as_job(request: Request, runtime, params: GenerateParams, ima
         return await submit_job(request, runtime, spec, image)
     jobs = job_store(request)
     job_id, _ = await jobs.submit(runtime, spec, image, request.headers.get("idempotency-key"))
-    while (view := await find_job(jobs, job_id))["status"] not in job_queue.TERMINAL:
+    while (view := await jobs.view(job_id))["status"] not in job_queue.TERMINAL:
         if await request.is_disconnected():
             raise RequestCancelled(request_id)
         await asyncio.sleep(SSE_POLL_S)
@@ -301,7 +293,7 @@ async def generate_as_job(request: Request, runtime, params: GenerateParams, ima
         error = view["error"] or job_queue.cancelled_error()
         raise ClientFault(ERROR_STATUS.get(error["code"], 500), error["code"], error["message"], error["field"])
     result = view["result"]
-    images = [await jobs.call("image", job_id, index) for index in range(len(result["images"]))]
+    images = await jobs.images(view)
     body = GenerateResponse(
         images=[base64.b64encode(data).decode("ascii") for data in images],
         format=result["format"], seeds=result["seeds"], mode=result["mode"], size=result["size"],
@@ -347,7 +339,7 @@ def add_job_routes(app: FastAPI) -> None:
     async def get_job(request: Request, job_id: str):
         """The job's status (queued, running, succeeded, failed, canceled), queue position, step i of N, times,
         error (with the field at fault) and result links."""
-        return JSONResponse(await find_job(job_store(request), job_id))
+        return JSONResponse(await job_store(request).view(job_id))
 
     @app.get("/v1/jobs/{job_id}/events", responses=errors, response_class=StreamingResponse)
     @job_route
@@ -355,7 +347,7 @@ def add_job_routes(app: FastAPI) -> None:
         """Server-Sent Events: a `status` event (the body of GET /v1/jobs/{id}) whenever the status, position or
         step changes; the stream ends after the final status."""
         jobs = job_store(request)
-        first = await find_job(jobs, job_id)
+        first = await jobs.view(job_id)
 
         async def stream():
             view, last, quiet = first, None, time.monotonic()
@@ -370,7 +362,7 @@ def add_job_routes(app: FastAPI) -> None:
                 if view["status"] in job_queue.TERMINAL:
                     return
                 await asyncio.sleep(SSE_POLL_S)
-                view = await find_job(jobs, job_id)
+                view = await jobs.view(job_id)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -379,26 +371,18 @@ def add_job_routes(app: FastAPI) -> None:
     @job_route
     async def cancel_job(request: Request, job_id: str):
         """Cancel a queued job at once, or a running one at its next denoising step; 409 when it already ended."""
-        jobs = job_store(request)
-        view = await find_job(jobs, job_id)
-        if view["status"] in job_queue.TERMINAL:
-            raise ClientFault(409, "conflict", f"job {job_id} already {view['status']}", field="job_id")
-        await jobs.call("cancel", job_id)
-        return JSONResponse(await find_job(jobs, job_id), status_code=202)
+        return JSONResponse(await job_store(request).cancel(job_id), status_code=202)
 
     @app.get("/v1/jobs/{job_id}/images/{index}", responses=errors, response_class=Response)
     @job_route
     async def job_image(request: Request, job_id: str, index: str):
         """Result image `index` (0-based) as raw bytes, with the job's output format as content type."""
         jobs = job_store(request)
-        view = await find_job(jobs, job_id)
+        view = await jobs.view(job_id)
         if not index.isdigit():
             raise InputError("index", f"{index!r} is not an image index (0, 1, ...)")
-        if view["result"] is None:
-            raise ClientFault(409, "conflict", f"job {job_id} is {view['status']}; images exist once it succeeded",
-                              field="job_id")
-        count = len(view["result"]["images"])
-        data = await jobs.call("image", job_id, int(index)) if int(index) < count else None
-        if data is None:
+        count = len(jobs.result_of(view)["images"])
+        if int(index) >= count:
             raise ClientFault(404, "not_found", f"image {index} does not exist; the job has {count}", field="index")
+        data = await jobs.call("image", job_id, int(index))
         return Response(data, media_type=MEDIA_TYPES[view["result"]["format"]])

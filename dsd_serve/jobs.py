@@ -54,6 +54,18 @@ class JobStoreError(Exception):
     """The job store (Redis) cannot be reached; the request may be retried."""
 
 
+class JobNotFound(LookupError):
+    """No such job: never issued (`expired` False), or its results are past DSD_JOBS_RESULT_TTL_S."""
+
+    def __init__(self, message: str, expired: bool = False):
+        self.expired = expired
+        super().__init__(message)
+
+
+class JobEnded(Exception):
+    """The job already ended, so it cannot be cancelled; or it has not succeeded, so it has no images."""
+
+
 class IdempotencyConflict(InputError):
     def __init__(self, job_id: str):
         super().__init__("Idempotency-Key", f"was used for job {job_id} with a different request body; use a new key "
@@ -486,6 +498,36 @@ class Jobs:
         await check_input(runtime, spec, image, self.settings)
         return await self.call("submit", spec, image, check_idempotency_key(idempotency_key))
 
+    async def view(self, job_id: str) -> dict:
+        """The job's status document; raises `JobNotFound` for a malformed, unknown or expired id."""
+        if not JOB_ID.match(job_id):
+            raise JobNotFound(f"{job_id!r} is not a job id (28 hexadecimal digits)")
+        view = job_view(job_id, await self.call("get", job_id), self.settings)
+        if view is not None:
+            return view
+        if time.time() - submitted_at(job_id) > self.settings.jobs_result_ttl_s:
+            raise JobNotFound(f"job {job_id} and its results expired; results are kept "
+                              f"{self.settings.jobs_result_ttl_s} s (DSD_JOBS_RESULT_TTL_S)", expired=True)
+        raise JobNotFound(f"no job {job_id}")
+
+    async def cancel(self, job_id: str) -> dict:
+        """Cancel a queued job at once, a running one at its next step; raises `JobEnded` when it already ended."""
+        view = await self.view(job_id)
+        if view["status"] in TERMINAL:
+            raise JobEnded(f"job {job_id} already {view['status']}")
+        await self.call("cancel", job_id)
+        return await self.view(job_id)
+
+    @staticmethod
+    def result_of(view: dict) -> dict:
+        """The result of a job `view`; raises `JobEnded` unless it succeeded."""
+        if view["result"] is None:
+            raise JobEnded(f"job {view['id']} is {view['status']}; images exist once it succeeded")
+        return view["result"]
+
+    async def images(self, view: dict) -> list[bytes]:
+        return [await self.call("image", view["id"], index) for index in range(len(self.result_of(view)["images"]))]
+
     def start_worker(self, runtime) -> None:
         self.worker = Worker(self.store, runtime, self.settings)
         self.worker.start()
@@ -641,7 +683,10 @@ class Worker:
             async for index, event in submission.events():
                 if event.kind == "step":
                     steps[index] = event.step
-                    await asyncio.to_thread(store.progress, claim.job_id, sum(steps), total)
+                    try:
+                        await asyncio.to_thread(store.progress, claim.job_id, sum(steps), total)
+                    except redis.RedisError as exc:
+                        logger.warning("job %s: progress not recorded (%s)", claim.job_id, exc)
             try:
                 result = await submission.result()
             except RequestCancelled:
@@ -652,6 +697,9 @@ class Worker:
                 else:
                     await asyncio.to_thread(store.requeue, claim)
                 return
+        except BaseException:
+            submission.cancel()
+            raise
         finally:
             watch.cancel()
         params = spec.params
@@ -684,9 +732,18 @@ class Worker:
                 logger.warning("job %s heartbeat failed (%s)", claim.job_id, exc)
 
     async def _finish(self, claim: Claim, state: str, fields: dict, images: list[bytes] = ()) -> None:
-        """Store the end once, acknowledge the queue entry, and send the webhook when this call stored it."""
-        stored = await asyncio.to_thread(self.store.finish, claim.job_id, state, fields, images)
-        await asyncio.to_thread(self.store.done, claim)
+        """Store the end once, acknowledge the queue entry, and send the webhook when this call stored it. Redis
+        being unreachable is retried for a visibility timeout; after that another replica runs the job again."""
+        give_up = time.monotonic() + self.settings.jobs_visibility_timeout_s
+        while True:
+            try:
+                stored = await asyncio.to_thread(self.store.finish, claim.job_id, state, fields, images)
+                await asyncio.to_thread(self.store.done, claim)
+                break
+            except redis.RedisError:
+                if time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(STORE_RETRY_S)
         if not stored:
             return
         metrics.JOBS_FINISHED.labels(state=state).inc()
