@@ -44,7 +44,7 @@ PROMPT_CACHE_HITS = Counter("dsd_prompt_cache_hits_total", "Prompts whose embedd
 PROMPT_CACHE_MISSES = Counter("dsd_prompt_cache_misses_total", "Prompts that went through the text encoders.")
 JOBS_BACKLOG = Gauge(
     "dsd_jobs_backlog", "Jobs in the shared queue that no replica has claimed yet (the same value on every replica, "
-    "read from Redis): the autoscaling signal of asynchronous work.", multiprocess_mode="max",
+    "read from Redis): the autoscaling signal of asynchronous work.", multiprocess_mode="livemax",
 )
 JOBS_FINISHED = Counter("dsd_jobs_finished_total", "Jobs this replica ended, by state (succeeded, failed, canceled).",
                         ["state"])
