@@ -39,13 +39,13 @@ def to_params(request: pb.GenerateRequest, time_remaining: float | None, max_dea
     return GenerateParams.model_validate(fields)
 
 
-def mode_label(request) -> str:
-    """The request's mode for metrics labels: `default` when it names none, `unknown` when it is not one of ours,
-    `none` for calls about a job."""
-    if isinstance(request, pb.SubmitJobRequest):
-        request = request.request
-    if not isinstance(request, pb.GenerateRequest):
-        return "none"
+JOB_CALLS = (pb.SubmitJobRequest, pb.JobRef)
+"""Request messages of the job rpcs: they queue or read jobs rather than generate, so their latency is no request
+latency."""
+
+
+def mode_label(request: pb.GenerateRequest) -> str:
+    """The request's mode for metrics labels: `default` when it names none, `unknown` when it is not one of ours."""
     if request.mode == pb.MODE_UNSPECIFIED:
         return "default"
     return MODES.get(request.mode, "unknown")

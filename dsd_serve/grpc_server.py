@@ -33,12 +33,11 @@ from dsd_model.settings import Settings
 
 from . import grpc_convert as convert
 from .grpc_stubs import dsd_pb2, dsd_pb2_grpc
-from .jobs import TERMINAL, JobEnded, JobNotFound, JobSpec, JobStoreError
+from .jobs import TERMINAL, JobEnded, JobNotFound, Jobs, JobSpec, JobStoreError
 from .webhooks import EVENTS
 from .http import REQUEST_ID
 
 if TYPE_CHECKING:
-    from .jobs import Jobs
     from .runtime import Runtime, Submission
 
 logger = logging.getLogger(__name__)
@@ -166,16 +165,17 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             code, details, metadata, outcome = status_for(exc, request_id)
             await context.abort(code, details, trailing_metadata=trailing + metadata)
         finally:
-            mode = convert.mode_label(request) if request is not None else "unknown"
-            labels = dict(transport="grpc", mode=mode, outcome=outcome)
-            metrics.REQUEST_DURATION.labels(**labels).observe(time.monotonic() - started)
+            if not isinstance(request, convert.JOB_CALLS):
+                mode = convert.mode_label(request) if request is not None else "unknown"
+                labels = dict(transport="grpc", mode=mode, outcome=outcome)
+                metrics.REQUEST_DURATION.labels(**labels).observe(time.monotonic() - started)
 
     @staticmethod
     def _decode(message: bytes, decode):
         try:
             return decode(message)
         except DecodeError as exc:
-            name = dsd_pb2.GenerateRequest.DESCRIPTOR.full_name
+            name = decode.__self__.DESCRIPTOR.full_name
             raise RpcFault(grpc.StatusCode.INVALID_ARGUMENT,
                            f"the request ({len(message)} bytes) is not a serialized {name} message",
                            "invalid_argument") from exc

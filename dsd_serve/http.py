@@ -27,6 +27,7 @@ from dsd_model import metrics
 from dsd_model.errors import DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
 
 from . import jobs as job_queue
+from . import webhooks
 from .schemas import ErrorResponse, GenerateJSON, GenerateParams, GenerateResponse, JobJSON, JobParams, Timings
 
 logger = logging.getLogger(__name__)
@@ -331,7 +332,7 @@ def add_job_routes(app: FastAPI) -> None:
         runtime = ready_runtime(request)
         params, image = await parse_request(request, runtime, JobJSON, JobParams)
         generation = GenerateParams.model_validate(params.model_dump(exclude={"webhook", "webhook_events"}))
-        events = params.webhook_events if params.webhook_events is not None else list(job_queue.webhooks.EVENTS)
+        events = params.webhook_events if params.webhook_events is not None else list(webhooks.EVENTS)
         return await submit_job(request, runtime, job_queue.JobSpec(generation, params.webhook, events), image)
 
     @app.get("/v1/jobs/{job_id}", responses=errors)

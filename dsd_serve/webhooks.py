@@ -80,7 +80,13 @@ def signed_headers(secret: str, message_id: str, body: str) -> dict[str, str]:
     }
 
 
-async def deliver(url: str, message_id: str, payload: dict, ended_at: float, settings: Settings) -> bool:
+def client(settings: Settings) -> httpx.AsyncClient:
+    """The client of every delivery of one replica (its connections and TLS context are reused)."""
+    return httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False)
+
+
+async def deliver(client: httpx.AsyncClient, url: str, message_id: str, payload: dict, ended_at: float,
+                  settings: Settings) -> bool:
     """POST `payload` to `url`, signed, until a 2xx answer or DSD_WEBHOOK_RETRY_FOR_S passed. Every attempt is logged
     and counted; returns whether it was delivered. `ended_at` (wall clock) is when the job ended, for the latency."""
     secret = settings.webhook_secret.get_secret_value()
@@ -88,26 +94,25 @@ async def deliver(url: str, message_id: str, payload: dict, ended_at: float, set
     give_up = time.monotonic() + settings.webhook_retry_for_s
     delay = settings.webhook_backoff_s
     attempt = 0
-    async with httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False) as client:
-        while True:
-            attempt += 1
-            try:
-                await check_url(url, settings)
-                response = await client.post(url, content=body, headers=signed_headers(secret, message_id, body))
-                outcome = "delivered" if 200 <= response.status_code < 300 else "rejected"
-                detail = f"HTTP {response.status_code}"
-            except InputError as exc:
-                outcome, detail = "refused", exc.message
-            except httpx.HTTPError as exc:
-                outcome, detail = "unreachable", f"{type(exc).__name__}: {exc}"
-            metrics.WEBHOOK_ATTEMPTS.labels(outcome=outcome).inc()
-            logger.info("webhook %s attempt %d to %s: %s (%s)", message_id, attempt, url, outcome, detail)
-            if outcome == "delivered":
-                metrics.WEBHOOK_LATENCY.observe(max(0.0, time.time() - ended_at))
-                return True
-            if time.monotonic() + delay > give_up:
-                metrics.WEBHOOK_ABANDONED.inc()
-                logger.warning("webhook %s to %s abandoned after %d attempts", message_id, url, attempt)
-                return False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_BACKOFF_S)
+    while True:
+        attempt += 1
+        try:
+            await check_url(url, settings)
+            response = await client.post(url, content=body, headers=signed_headers(secret, message_id, body))
+            outcome = "delivered" if 200 <= response.status_code < 300 else "rejected"
+            detail = f"HTTP {response.status_code}"
+        except InputError as exc:
+            outcome, detail = "refused", exc.message
+        except httpx.HTTPError as exc:
+            outcome, detail = "unreachable", f"{type(exc).__name__}: {exc}"
+        metrics.WEBHOOK_ATTEMPTS.labels(outcome=outcome).inc()
+        logger.info("webhook %s attempt %d to %s: %s (%s)", message_id, attempt, url, outcome, detail)
+        if outcome == "delivered":
+            metrics.WEBHOOK_LATENCY.observe(max(0.0, time.time() - ended_at))
+            return True
+        if time.monotonic() + delay > give_up:
+            metrics.WEBHOOK_ABANDONED.inc()
+            logger.warning("webhook %s to %s abandoned after %d attempts", message_id, url, attempt)
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, MAX_BACKOFF_S)

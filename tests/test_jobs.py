@@ -307,14 +307,18 @@ def test_in_process_jobs_without_redis_expire_after_the_ttl(cluster):
 
 
 def test_queued_jobs_survive_a_redis_restart(cluster):
-    a, redis = cluster["a"], cluster["redis"]
-    jobs = [submit(a, steps=20, image_guidance=2.0, seed=i).json()["id"] for i in range(6)]
-    queued = [job_id for job_id in jobs
-              if httpx.get(f"{a.url}/v1/jobs/{job_id}", timeout=10).json()["status"] == "queued"]
+    a, b, redis = cluster["a"], cluster["b"], cluster["redis"]
+    blockers = [submit(a, steps=100, image_guidance=2.0, seed=i).json()["id"] for i in range(4)]
+    for job_id in blockers:
+        wait_for(a, job_id, until=lambda view: view["status"] == "running")
+    queued = [submit(b, seed=i).json()["id"] for i in range(3)]
+    views = [httpx.get(f"{a.url}/v1/jobs/{job_id}", timeout=10).json() for job_id in queued]
+    assert [(view["status"], view["position"]) for view in views] == [("queued", 1), ("queued", 2), ("queued", 3)]
     redis.restart()
-    assert queued, "every job was claimed before the restart; nothing was left queued"
-    views = [wait_for(a, job_id, timeout=120) for job_id in jobs]
-    assert [view["status"] for view in views] == ["succeeded"] * len(jobs)
+    for job_id in blockers:
+        assert httpx.post(f"{b.url}/v1/jobs/{job_id}/cancel", timeout=10).status_code == 202
+    assert [wait_for(a, job_id)["status"] for job_id in queued] == ["succeeded"] * 3
+    assert {wait_for(a, job_id)["status"] for job_id in blockers} == {"canceled"}
 
 
 def ancestors(pid: int) -> list[int]:
