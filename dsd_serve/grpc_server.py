@@ -52,8 +52,8 @@ IMAGE_BYTES = 3 * limits.MAX_SIZE**2 + 64 * 1024
 DEADLINE_SLACK_S = 0.25
 """A call cancelled this close to its deadline counts as timed out: the client's side of the deadline fires first, and
 its cancellation reaches the server up to one network delay before the server's own copy of the deadline passes."""
-WATCH_POLL_S = 0.2
-"""How often WatchJob reads the job; progress of one denoising step is rarely faster on a GPU."""
+WATCH_TIMEOUT_S = 1.0
+"""Longest wait of WatchJob for a job change before reading the job anyway (change notices are best-effort)."""
 STOP_GRACE_S = 10.0
 """Stopping waits this long for calls in flight; it comes after the engine drained, so they only encode and send.
 Health Watch streams stay open until it ends."""
@@ -255,16 +255,17 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
 
     async def WatchJob(self, request, context):
         jobs, last = self._jobs(), None
-        while True:
-            view = await jobs.view(request.id)
-            key = (view["status"], view["position"], view["progress"]["step"])
-            if view["status"] in TERMINAL:
-                yield convert.to_job(view, await jobs.images(view) if view["status"] == "succeeded" else None)
-                return
-            if key != last:
-                last = key
-                yield convert.to_job(view)
-            await asyncio.sleep(WATCH_POLL_S)
+        async with jobs.watch(request.id) as changed:
+            while True:
+                view = await jobs.view(request.id)
+                key = (view["status"], view["position"], view["progress"]["step"])
+                if view["status"] in TERMINAL:
+                    yield convert.to_job(view, await jobs.images(view) if view["status"] == "succeeded" else None)
+                    return
+                if key != last:
+                    last = key
+                    yield convert.to_job(view)
+                await changed(WATCH_TIMEOUT_S)
 
     async def CancelJob(self, request, context):
         return convert.to_job(await self._jobs().cancel(request.id))

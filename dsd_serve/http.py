@@ -236,8 +236,8 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
 
 # ---------------------------------------------------------------------------------------------------- jobs
 
-SSE_POLL_S = 0.2
-"""How often a job's event stream reads the job; progress of one denoising step is rarely faster on a GPU."""
+WATCH_TIMEOUT_S = 1.0
+"""Longest wait for a job change before reading the job anyway: the change notices are best-effort (Redis pub/sub)."""
 SSE_KEEPALIVE_S = 15.0
 """A comment line this often keeps proxies from closing a quiet stream."""
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -286,10 +286,11 @@ async def generate_as_job(request: Request, runtime, params: GenerateParams, ima
         return await submit_job(request, runtime, spec, image)
     jobs = job_store(request)
     job_id, _ = await jobs.submit(runtime, spec, image, request.headers.get("idempotency-key"))
-    while (view := await jobs.view(job_id))["status"] not in job_queue.TERMINAL:
-        if await request.is_disconnected():
-            raise RequestCancelled(request_id)
-        await asyncio.sleep(SSE_POLL_S)
+    async with jobs.watch(job_id) as changed:
+        while (view := await jobs.view(job_id))["status"] not in job_queue.TERMINAL:
+            if await request.is_disconnected():
+                raise RequestCancelled(request_id)
+            await changed(WATCH_TIMEOUT_S)
     if view["status"] != "succeeded":
         error = view["error"] or job_queue.cancelled_error()
         raise ClientFault(ERROR_STATUS.get(error["code"], 500), error["code"], error["message"], error["field"])
@@ -348,22 +349,23 @@ def add_job_routes(app: FastAPI) -> None:
         """Server-Sent Events: a `status` event (the body of GET /v1/jobs/{id}) whenever the status, position or
         step changes; the stream ends after the final status."""
         jobs = job_store(request)
-        first = await jobs.view(job_id)
+        await jobs.view(job_id)
 
         async def stream():
-            view, last, quiet = first, None, time.monotonic()
-            while True:
-                key = (view["status"], view["position"], view["progress"]["step"])
-                if key != last:
-                    last, quiet = key, time.monotonic()
-                    yield f"event: status\ndata: {json.dumps(view)}\n\n"
-                elif time.monotonic() - quiet > SSE_KEEPALIVE_S:
-                    quiet = time.monotonic()
-                    yield ": keep-alive\n\n"
-                if view["status"] in job_queue.TERMINAL:
-                    return
-                await asyncio.sleep(SSE_POLL_S)
-                view = await jobs.view(job_id)
+            last, quiet = None, time.monotonic()
+            async with jobs.watch(job_id) as changed:
+                while True:
+                    view = await jobs.view(job_id)
+                    key = (view["status"], view["position"], view["progress"]["step"])
+                    if key != last:
+                        last, quiet = key, time.monotonic()
+                        yield f"event: status\ndata: {json.dumps(view)}\n\n"
+                    elif time.monotonic() - quiet > SSE_KEEPALIVE_S:
+                        quiet = time.monotonic()
+                        yield ": keep-alive\n\n"
+                    if view["status"] in job_queue.TERMINAL:
+                        return
+                    await changed(WATCH_TIMEOUT_S)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -9,6 +9,7 @@ scripts, so concurrent replicas never interleave them. Job hashes and idempotenc
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -18,10 +19,12 @@ import secrets
 import socket
 import threading
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import redis
+import redis.asyncio
 
 from dsd_model.errors import InputError
 from dsd_model.settings import Settings
@@ -36,6 +39,8 @@ TERMINAL = frozenset(STATES[2:])
 JOB_ID = re.compile(r"^[0-9a-f]{28}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 STREAM, GROUP = "dsd:jobs", "workers"
+MOVED = "dsd:jobs:moved"
+"""Channel told whenever a job leaves or re-enters the queue (the positions of the queued jobs changed)."""
 CLAIM_BLOCK_S = 0.5
 """How long one claim waits for a new entry; bounds how late a replica notices that it has room again."""
 
@@ -149,6 +154,7 @@ class RedisJobStore:
     stream `dsd:jobs` with the consumer group `workers`. Calls block; callers run them in a thread."""
 
     def __init__(self, url: str, ttl_s: int, visibility_timeout_s: float):
+        self.url = url
         self.client = redis.Redis.from_url(url, socket_timeout=5 + CLAIM_BLOCK_S, socket_connect_timeout=5,
                                            health_check_interval=10)
         self.ttl_s = ttl_s
@@ -165,6 +171,35 @@ class RedisJobStore:
     @staticmethod
     def key(job_id: str) -> str:
         return f"dsd:job:{job_id}"
+
+    @staticmethod
+    def channel(job_id: str) -> str:
+        return f"dsd:job:{job_id}:changed"
+
+    @asynccontextmanager
+    async def watch(self, job_id: str):
+        """`wait(timeout)`: returns once the job may have changed (a message on its channel or MOVED), or after
+        `timeout`; without Redis it just waits out the timeout, so callers read the job again either way."""
+        client = redis.asyncio.Redis.from_url(self.url, socket_connect_timeout=5)
+        pubsub = client.pubsub()
+
+        async def wait(timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            try:
+                if not pubsub.subscribed:
+                    await pubsub.subscribe(self.channel(job_id), MOVED)
+                while (remaining := deadline - time.monotonic()) > 0:
+                    if await pubsub.get_message(ignore_subscribe_messages=True, timeout=remaining) is not None:
+                        return
+            except redis.RedisError:
+                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
+        try:
+            await wait(0)
+            yield wait
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
 
     def submit(self, spec: JobSpec, image: bytes, idempotency_key: str | None) -> tuple[str, bool]:
         """Store and queue a job; returns (job id, True), or (the earlier job's id, False) for a known idempotency
@@ -223,10 +258,13 @@ class RedisJobStore:
     def start(self, job_id: str) -> tuple[str, int]:
         """Mark a claimed job running; returns its previous state and its attempts, 0 attempts when it ended."""
         state, attempts = self._start(keys=[self.key(job_id)], args=[repr(time.time()), self.consumer])
+        self.client.pipeline().publish(self.channel(job_id), "running").publish(MOVED, job_id).execute()
         return state.decode(), int(attempts)
 
     def progress(self, job_id: str, step: int, total: int) -> None:
-        self.client.hset(self.key(job_id), mapping={"step": step, "total": total})
+        pipe = self.client.pipeline()
+        pipe.hset(self.key(job_id), mapping={"step": step, "total": total}).publish(self.channel(job_id), "step")
+        pipe.execute()
 
     def finish(self, job_id: str, state: str, fields: dict, images: Iterable[bytes] = ()) -> bool:
         """Write the job's end unless one was written already; returns whether this call wrote it."""
@@ -235,7 +273,10 @@ class RedisJobStore:
         idem = self.client.hget(self.key(job_id), "idempotency_key") or b""
         pairs = [item for pair in values.items() for item in pair]
         idem_key = f"dsd:idem:{idem.decode()}" if idem else ""
-        return bool(self._finish(keys=[self.key(job_id), idem_key], args=[self.ttl_s, *pairs]))
+        stored = bool(self._finish(keys=[self.key(job_id), idem_key], args=[self.ttl_s, *pairs]))
+        if stored:
+            self.client.pipeline().publish(self.channel(job_id), state).publish(MOVED, job_id).execute()
+        return stored
 
     def ensure_group(self) -> None:
         try:
@@ -275,6 +316,7 @@ class RedisJobStore:
         entry = self.client.xadd(STREAM, {"id": claim.job_id})
         self.client.hset(self.key(claim.job_id), mapping={"state": "queued", "entry": entry})
         self.done(claim)
+        self.client.pipeline().publish(self.channel(claim.job_id), "queued").publish(MOVED, claim.job_id).execute()
 
     def backlog(self) -> int:
         """Entries no replica has claimed yet (the stream holds only queued and running jobs)."""
@@ -293,6 +335,8 @@ class MemoryJobStore:
     this replica sees its jobs."""
 
     durable = False
+    poll_s = 0.1
+    """How often a watcher reads the job again: in one process that costs a dictionary lookup."""
 
     def __init__(self, ttl_s: int):
         self.ttl_s = ttl_s
@@ -327,6 +371,15 @@ class MemoryJobStore:
             self.queue.append(job_id)
             self.lock.notify_all()
             return job_id, True
+
+    @asynccontextmanager
+    async def watch(self, job_id: str):
+        """`wait(timeout)`: returns after `poll_s` (at most `timeout`); callers read the job again."""
+
+        async def wait(timeout: float) -> None:
+            await asyncio.sleep(min(timeout, self.poll_s))
+
+        yield wait
 
     def get(self, job_id: str) -> dict | None:
         with self.lock:

@@ -102,6 +102,11 @@ class Jobs:
         await self.call("cancel", job_id)
         return await self.view(job_id)
 
+    def watch(self, job_id: str):
+        """Async context manager giving `wait(timeout)`, which returns once the job may have changed or after
+        `timeout`; read the job (`view`) again after each."""
+        return self.store.watch(job_id)
+
     @staticmethod
     def result_of(view: dict) -> dict:
         """The result of a job `view`; raises `JobEnded` unless it succeeded."""
