@@ -278,7 +278,7 @@ class RedisJobStore:
             self.client.pipeline().publish(self.channel(job_id), state).publish(MOVED, job_id).execute()
         return stored
 
-    def ensure_group(self) -> None:
+    def _ensure_group(self) -> None:
         try:
             self.client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
@@ -298,7 +298,7 @@ class RedisJobStore:
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            self.ensure_group()
+            self._ensure_group()
             return None
         if not answer:
             return None
@@ -446,9 +446,6 @@ class MemoryJobStore:
             if job_id in self.queue:
                 self.queue.remove(job_id)
             return True
-
-    def ensure_group(self) -> None:
-        """Nothing to set up in memory."""
 
     def claim(self) -> Claim | None:
         with self.lock:

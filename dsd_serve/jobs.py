@@ -26,8 +26,8 @@ from dsd_model.errors import DeadlineExceeded, Draining, InputError, QueueFull, 
 from dsd_model.settings import Settings
 
 from . import webhooks
-from .job_store import (JOB_ID, TERMINAL, Claim, JobSpec, cancelled_error, check_idempotency_key, open_store,
-                        submitted_at)
+from .job_store import (CLAIM_BLOCK_S, JOB_ID, TERMINAL, Claim, JobSpec, cancelled_error, check_idempotency_key,
+                        open_store, submitted_at)
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ async def check_input(runtime, spec: JobSpec, image: bytes, settings: Settings) 
 class Worker:
     """Claims jobs while the engine has room and runs each as a `Runtime.submit`, on its own thread and event loop.
     Shutdown: `claiming` is cleared (no new claims), jobs the engine refuses are given back to the queue, and
-    `stop` waits for the running ones to store their results."""
+    `stop` waits for the running ones to store their results; webhook retries still pending then are dropped."""
 
     def __init__(self, store, runtime, settings: Settings):
         self.store, self.runtime, self.settings = store, runtime, settings
@@ -166,6 +166,9 @@ class Worker:
         self.starting = 0
         """Claimed jobs not yet in the engine queue; they count as waiting."""
         self.tasks: set[asyncio.Task] = set()
+        """Jobs running here."""
+        self.deliveries: set[asyncio.Task] = set()
+        """Webhooks being sent or retried."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="dsd-jobs", daemon=True)
         self._main: asyncio.Future | None = None
@@ -177,26 +180,30 @@ class Worker:
 
     def stop(self, timeout: float) -> None:
         self.claiming.clear()
-        if self._main is not None:
-            self._main.cancel()
-        waiting = asyncio.run_coroutine_threadsafe(self._wait_tasks(), self._loop)
         try:
-            waiting.result(timeout)
+            self._main.result(timeout=CLAIM_BLOCK_S + STORE_RETRY_S + 5)
+        except TimeoutError:
+            logger.warning("the job claim loop did not stop; its claim is reclaimed after the visibility timeout")
+        try:
+            asyncio.run_coroutine_threadsafe(self._wind_down(), self._loop).result(timeout)
         except TimeoutError:
             logger.warning("jobs still running at shutdown are left to another replica")
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
-    async def _wait_tasks(self) -> None:
+    async def _wind_down(self) -> None:
         if self.tasks:
             await asyncio.wait(set(self.tasks))
+        for delivery in list(self.deliveries):
+            delivery.cancel()
+        if self._webhooks is not None:
+            await self._webhooks.aclose()
 
     def has_room(self) -> bool:
         return self.runtime.engine.queue_depth + self.starting < self.settings.jobs_pull_below
 
     async def _claim_loop(self) -> None:
         self._webhooks = webhooks.client(self.settings)
-        await asyncio.to_thread(self.store.ensure_group)
         last_backlog = 0.0
         while self.claiming.is_set():
             try:
@@ -347,8 +354,8 @@ class Worker:
                        "data": view}
             task = asyncio.create_task(webhooks.deliver(self._webhooks, spec.webhook, f"{claim.job_id}.{state}",
                                                         payload, view["finished_at"], self.settings))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.deliveries.add(task)
+            task.add_done_callback(self.deliveries.discard)
 
 
 def job_view(job_id: str, fields: dict | None, settings: Settings, base: str = "") -> dict | None:

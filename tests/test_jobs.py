@@ -45,9 +45,10 @@ def cluster(tmp_path_factory):
             wait_ready(server)
         yield {"a": a, "b": b, "local": local, "redis": redis}
     finally:
-        for server in (a, b, local):
-            server.stop()
+        running = [server for server in (a, b, local) if server.process.poll() is None]
+        codes = [server.stop() for server in running]
         redis.stop()
+    assert codes == [0] * len(running), [server.log_tail() for server in running]
 
 
 def body(**overrides) -> dict:
