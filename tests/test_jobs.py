@@ -24,6 +24,8 @@ from servers import RedisServer, start_service, wait_ready
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 REFERENCE = png_bytes(random_image(96, 80, seed=3))
 VISIBILITY_S = 3
+KEY = "jobs-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 SHORT_TTL_S = 4
 TERMINAL = {"succeeded", "failed", "canceled"}
 ROUNDING = 2
@@ -39,7 +41,7 @@ def cluster(tmp_path_factory):
                   webhook_secret=SECRET, webhook_allow='["127.0.0.1"]', webhook_backoff_s="0.2")
     a = start_service(tmp_path_factory.mktemp("a"), **shared)
     b = start_service(tmp_path_factory.mktemp("b"), **shared)
-    local = start_service(tmp_path_factory.mktemp("local"), jobs_result_ttl_s=str(SHORT_TTL_S))
+    local = start_service(tmp_path_factory.mktemp("local"), jobs_result_ttl_s=str(SHORT_TTL_S), api_key=KEY)
     try:
         for server in (a, b, local):
             wait_ready(server)
@@ -64,7 +66,7 @@ def submit(server, headers=None, **overrides) -> httpx.Response:
 def wait_for(server, job_id: str, until=lambda view: view["status"] in TERMINAL, timeout: float = 60) -> dict:
     end = time.monotonic() + timeout
     while True:
-        view = httpx.get(f"{server.url}/v1/jobs/{job_id}", timeout=10).json()
+        view = httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=AUTH, timeout=10).json()
         if until(view):
             return view
         assert time.monotonic() < end, view
@@ -184,6 +186,26 @@ def test_webhook_is_signed_and_retried_after_a_500(cluster):
     assert rejected >= 2
 
 
+def test_a_job_past_its_deadline_fails_naming_the_field_and_sends_job_failed(cluster):
+    a = cluster["a"]
+    receiver = Receiver(failures=0)
+    try:
+        job = submit(a, steps=100, deadline_s=0.3, webhook=receiver.url, webhook_events=["job.failed"]).json()
+        view = wait_for(a, job["id"])
+        end = time.monotonic() + 30
+        while not receiver.deliveries and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        receiver.server.shutdown()
+    assert view["status"] == "failed" and view["result"] is None
+    assert view["error"]["code"] == "deadline_exceeded" and view["error"]["field"] == "deadline_s"
+    (delivery,) = receiver.deliveries
+    assert Webhook(SECRET).verify(delivery[2], delivery[1])["type"] == "job.failed"
+    keyed = httpx.post(f"{a.url}/generate", json=body(steps=100, deadline_s=0.3),
+                       headers={"Idempotency-Key": f"late-{time.time_ns()}"}, timeout=60)
+    assert keyed.status_code == 504 and keyed.json()["error"]["field"] == "deadline_s"
+
+
 def test_idempotency_key_same_body_different_body_and_concurrent_duplicates(cluster):
     a, b = cluster["a"], cluster["b"]
     key = {"Idempotency-Key": f"order-{time.time_ns()}"}
@@ -247,7 +269,7 @@ def test_bad_ids_keys_and_indexes_name_the_field(cluster):
         assert response.status_code == status and response.json()["error"]["field"] == "index"
     bad_key = submit(a, headers={"Idempotency-Key": "has space"})
     assert bad_key.status_code == 422 and bad_key.json()["error"]["field"] == "Idempotency-Key"
-    unsigned = submit(cluster["local"], webhook="https://example.com/hook")
+    unsigned = submit(cluster["local"], webhook="https://example.com/hook", headers=AUTH)
     assert unsigned.status_code == 422 and unsigned.json()["error"]["field"] == "webhook"
 
 
@@ -296,14 +318,16 @@ def test_grpc_jobs_share_the_queue_with_rest(cluster):
 
 def test_in_process_jobs_without_redis_expire_after_the_ttl(cluster):
     local = cluster["local"]
-    job = submit(local).json()
+    assert submit(local).status_code == 401
+    job = submit(local, headers=AUTH).json()
+    assert httpx.get(f"{local.url}/v1/jobs/{job['id']}", timeout=10).status_code == 401
     done = wait_for(local, job["id"])
     assert done["status"] == "succeeded"
     assert done["expires_at"] == pytest.approx(done["finished_at"] + SHORT_TTL_S)
     time.sleep(max(0.0, done["expires_at"] - time.time()) + 0.5)
-    gone = httpx.get(f"{local.url}/v1/jobs/{job['id']}", timeout=10)
+    gone = httpx.get(f"{local.url}/v1/jobs/{job['id']}", headers=AUTH, timeout=10)
     assert gone.status_code == 410 and "DSD_JOBS_RESULT_TTL_S" in gone.json()["error"]["message"]
-    image = httpx.get(f"{local.url}{done['result']['images'][0]}", timeout=10)
+    image = httpx.get(f"{local.url}{done['result']['images'][0]}", headers=AUTH, timeout=10)
     assert image.status_code == 410
 
 
