@@ -166,8 +166,6 @@ class RedisJobStore:
         self._heartbeat = self.client.register_script(HEARTBEAT)
         self._start = self.client.register_script(START)
 
-    durable = True
-
     @staticmethod
     def key(job_id: str) -> str:
         return f"dsd:job:{job_id}"
@@ -334,7 +332,6 @@ class MemoryJobStore:
     """The same contract inside this process, for a service without Redis: nothing survives a restart, and only
     this replica sees its jobs."""
 
-    durable = False
     poll_s = 0.1
     """How often a watcher reads the job again: in one process that costs a dictionary lookup."""
 

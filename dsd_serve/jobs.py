@@ -66,9 +66,9 @@ class Jobs:
     """The job API of one replica: submission and queries on the shared store, and the worker that runs jobs here.
     Every method may be called from any event loop; store calls run in threads."""
 
-    def __init__(self, settings: Settings, store=None):
+    def __init__(self, settings: Settings):
         self.settings = settings
-        self.store = store if store is not None else open_store(settings)
+        self.store = open_store(settings)
         self.worker: Worker | None = None
 
     async def call(self, method: str, *args):
@@ -358,13 +358,13 @@ class Worker:
             task.add_done_callback(self.deliveries.discard)
 
 
-def job_view(job_id: str, fields: dict | None, settings: Settings, base: str = "") -> dict | None:
+def job_view(job_id: str, fields: dict | None, settings: Settings) -> dict | None:
     """The status document of a job (REST body, webhook data): state, position, progress, times, error, results."""
     if fields is None:
         return None
     result = json.loads(fields["result"]) if "result" in fields else None
     if result is not None:
-        result["images"] = [f"{base}/v1/jobs/{job_id}/images/{index}" for index in range(result.pop("count"))]
+        result["images"] = [f"/v1/jobs/{job_id}/images/{index}" for index in range(result.pop("count"))]
     finished = float(fields["finished"]) if "finished" in fields else None
     return {
         "id": job_id,
@@ -378,6 +378,6 @@ def job_view(job_id: str, fields: dict | None, settings: Settings, base: str = "
         "expires_at": (finished or float(fields["created"])) + settings.jobs_result_ttl_s,
         "error": json.loads(fields["error"]) if "error" in fields else None,
         "result": result,
-        "links": {"self": f"{base}/v1/jobs/{job_id}", "events": f"{base}/v1/jobs/{job_id}/events",
-                  "cancel": f"{base}/v1/jobs/{job_id}/cancel"},
+        "links": {"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events",
+                  "cancel": f"/v1/jobs/{job_id}/cancel"},
     }
