@@ -152,6 +152,11 @@ class Settings(BaseSettings):
         "wait in its engine: with 1 it claims only when the running batch has taken everything waiting, so long "
         "jobs go to the replicas with room instead of queueing behind busy ones.",
     )
+    jobs_max_backlog: int = Field(
+        1000, ge=1, le=1_000_000, description="Jobs queued or running in the shared queue before submissions get "
+        "429 / RESOURCE_EXHAUSTED: each keeps its reference (up to DSD_MAX_UPLOAD_BYTES) in Redis until it runs, so "
+        "this bounds Redis memory (about 1 GB for typical 1 MB uploads); KEDA adds replicas long before.",
+    )
     jobs_max_attempts: int = Field(
         3, ge=1, le=100, description="Runs of one job before it fails: each lost replica costs one, so a job that "
         "kills its replica cannot take down the fleet one replica after another.",

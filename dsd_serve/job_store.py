@@ -26,7 +26,7 @@ from typing import Iterable
 import redis
 import redis.asyncio
 
-from dsd_model.errors import InputError
+from dsd_model.errors import InputError, QueueFull
 from dsd_model.settings import Settings
 
 from . import webhooks
@@ -99,19 +99,21 @@ class Claim:
 
 
 SUBMIT = """
-if KEYS[2] ~= '' then
-  local existing = redis.call('GET', KEYS[2])
-  if existing then return {existing, 0} end
-  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+local existing = KEYS[2] ~= '' and redis.call('GET', KEYS[2])
+if existing then return {existing, 0} end
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[3]) then return {'', -1} end
+if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 local entry = redis.call('XADD', KEYS[3], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'entry', entry)
 return {ARGV[1], 1}
 """
-"""KEYS: job hash, idempotency key ('' for none), stream. ARGV: job id, ttl, then the job's fields. Returns the job id
-and 1, or the id of the job that already holds the idempotency key and 0."""
+"""KEYS: job hash, idempotency key ('' for none), stream. ARGV: job id, ttl, largest backlog, then the job's fields.
+Returns the job id and 1; the id of the job that already holds the idempotency key and 0; or -1 when the stream holds
+the largest backlog already."""
+BACKLOG_RETRY_S = 10.0
+"""Retry hint when the queue is full: about one job's time on a GPU, after which a slot is likely free."""
 
 FINISH = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -153,11 +155,12 @@ class RedisJobStore:
     """Jobs in Redis: hash `dsd:job:<id>` (state, spec, reference, progress, results), `dsd:idem:<key>`, and the
     stream `dsd:jobs` with the consumer group `workers`. Calls block; callers run them in a thread."""
 
-    def __init__(self, url: str, ttl_s: int, visibility_timeout_s: float):
+    def __init__(self, url: str, ttl_s: int, visibility_timeout_s: float, max_backlog: int):
         self.url = url
         self.client = redis.Redis.from_url(url, socket_timeout=5 + CLAIM_BLOCK_S, socket_connect_timeout=5,
                                            health_check_interval=10)
         self.ttl_s = ttl_s
+        self.max_backlog = max_backlog
         self.visibility_ms = int(visibility_timeout_s * 1000)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._submit = self.client.register_script(SUBMIT)
@@ -201,14 +204,18 @@ class RedisJobStore:
 
     def submit(self, spec: JobSpec, image: bytes, idempotency_key: str | None) -> tuple[str, bool]:
         """Store and queue a job; returns (job id, True), or (the earlier job's id, False) for a known idempotency
-        key with the same request. Raises `IdempotencyConflict` for a known key with another request."""
+        key with the same request. Raises `IdempotencyConflict` for a known key with another request, `QueueFull`
+        when `max_backlog` jobs are queued or running."""
         job_id = new_job_id()
         fingerprint = spec.fingerprint(image)
         fields = {"state": "queued", "spec": spec.to_json(), "image": image, "created": repr(time.time()),
                   "fingerprint": fingerprint, "idempotency_key": idempotency_key or "", "attempts": 0}
         idem = f"dsd:idem:{idempotency_key}" if idempotency_key else ""
         values = [item for pair in fields.items() for item in pair]
-        found, created = self._submit(keys=[self.key(job_id), idem, STREAM], args=[job_id, self.ttl_s, *values])
+        found, created = self._submit(keys=[self.key(job_id), idem, STREAM],
+                                      args=[job_id, self.ttl_s, self.max_backlog, *values])
+        if created == -1:
+            raise QueueFull(self.max_backlog, BACKLOG_RETRY_S)
         found = found.decode()
         if not created and self.client.hget(self.key(found), "fingerprint") not in (None, fingerprint.encode()):
             raise IdempotencyConflict(found)
@@ -335,8 +342,9 @@ class MemoryJobStore:
     poll_s = 0.1
     """How often a watcher reads the job again: in one process that costs a dictionary lookup."""
 
-    def __init__(self, ttl_s: int):
+    def __init__(self, ttl_s: int, max_backlog: int):
         self.ttl_s = ttl_s
+        self.max_backlog = max_backlog
         self.jobs: dict[str, dict] = {}
         self.keys: dict[str, tuple[str, float]] = {}
         self.queue: list[str] = []
@@ -358,6 +366,8 @@ class MemoryJobStore:
                 if found in self.jobs and self.jobs[found]["fingerprint"] != fingerprint:
                     raise IdempotencyConflict(found)
                 return found, False
+            if len(self.queue) >= self.max_backlog:
+                raise QueueFull(len(self.queue), BACKLOG_RETRY_S)
             job_id = new_job_id()
             expires = time.time() + self.ttl_s
             self.jobs[job_id] = {"state": "queued", "spec": spec.to_json(), "image": image, "created": repr(time.time()),
@@ -476,9 +486,10 @@ class MemoryJobStore:
 
 def open_store(settings: Settings) -> RedisJobStore | MemoryJobStore:
     if settings.redis_url:
-        return RedisJobStore(settings.redis_url, settings.jobs_result_ttl_s, settings.jobs_visibility_timeout_s)
+        return RedisJobStore(settings.redis_url, settings.jobs_result_ttl_s, settings.jobs_visibility_timeout_s,
+                             settings.jobs_max_backlog)
     logger.warning("DSD_REDIS_URL is unset: jobs run in this process and are lost when it stops")
-    return MemoryJobStore(settings.jobs_result_ttl_s)
+    return MemoryJobStore(settings.jobs_result_ttl_s, settings.jobs_max_backlog)
 
 
 def cancelled_error() -> dict:

@@ -24,6 +24,8 @@ from servers import RedisServer, start_service, wait_ready
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 REFERENCE = png_bytes(random_image(96, 80, seed=3))
 VISIBILITY_S = 3
+B_BACKLOG = 6
+"""Jobs queued or running beyond which replica `b` refuses submissions (`a` keeps the default)."""
 KEY = "jobs-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SHORT_TTL_S = 4
@@ -40,8 +42,9 @@ def cluster(tmp_path_factory):
     shared = dict(redis_url=redis.url, jobs_visibility_timeout_s=str(VISIBILITY_S), max_batch_rows="3",
                   webhook_secret=SECRET, webhook_allow='["127.0.0.1"]', webhook_backoff_s="0.2")
     a = start_service(tmp_path_factory.mktemp("a"), **shared)
-    b = start_service(tmp_path_factory.mktemp("b"), **shared)
-    local = start_service(tmp_path_factory.mktemp("local"), jobs_result_ttl_s=str(SHORT_TTL_S), api_key=KEY)
+    b = start_service(tmp_path_factory.mktemp("b"), **shared, jobs_max_backlog=str(B_BACKLOG))
+    local = start_service(tmp_path_factory.mktemp("local"), jobs_result_ttl_s=str(SHORT_TTL_S), api_key=KEY,
+                          jobs_max_backlog="1", max_batch_rows="3")
     try:
         for server in (a, b, local):
             wait_ready(server)
@@ -331,14 +334,33 @@ def test_in_process_jobs_without_redis_expire_after_the_ttl(cluster):
     assert image.status_code == 410
 
 
+def test_a_full_queue_refuses_new_jobs_with_429_but_replays_known_keys(cluster):
+    local = cluster["local"]
+    blockers = [submit(local, headers=AUTH, steps=100, image_guidance=2.0, seed=i).json()["id"] for i in range(2)]
+    for job_id in blockers:
+        wait_for(local, job_id, until=lambda view: view["status"] == "running")
+    key = {**AUTH, "Idempotency-Key": f"full-{time.time_ns()}"}
+    queued = submit(local, headers=key)
+    assert queued.status_code == 202 and queued.json()["position"] == 1
+    full = submit(local, headers=AUTH, seed=9)
+    assert full.status_code == 429 and full.json()["error"]["code"] == "resource_exhausted"
+    assert int(full.headers["retry-after"]) > 0
+    assert submit(local, headers=key).json()["id"] == queued.json()["id"]
+    for job_id in blockers:
+        httpx.post(f"{local.url}/v1/jobs/{job_id}/cancel", headers=AUTH, timeout=10)
+    assert wait_for(local, queued.json()["id"])["status"] == "succeeded"
+
+
 def test_queued_jobs_survive_a_redis_restart(cluster):
     a, b, redis = cluster["a"], cluster["b"], cluster["redis"]
     blockers = [submit(a, steps=100, image_guidance=2.0, seed=i).json()["id"] for i in range(4)]
     for job_id in blockers:
         wait_for(a, job_id, until=lambda view: view["status"] == "running")
-    queued = [submit(b, seed=i).json()["id"] for i in range(3)]
-    views = [httpx.get(f"{a.url}/v1/jobs/{job_id}", timeout=10).json() for job_id in queued]
+    queued = [submit(a, seed=i).json()["id"] for i in range(3)]
+    views = [httpx.get(f"{b.url}/v1/jobs/{job_id}", timeout=10).json() for job_id in queued]
     assert [(view["status"], view["position"]) for view in views] == [("queued", 1), ("queued", 2), ("queued", 3)]
+    refused = submit(b, seed=9)
+    assert len(blockers + queued) >= B_BACKLOG and refused.status_code == 429, refused.text
     redis.restart()
     for job_id in blockers:
         assert httpx.post(f"{b.url}/v1/jobs/{job_id}/cancel", timeout=10).status_code == 202
