@@ -8,7 +8,9 @@ On SIGTERM the engine stops admitting at once and `/readyz` fails; the HTTP serv
 answers new requests 503 with Retry-After while queued and running requests finish (at most `DSD_DRAIN_TIMEOUT_S`);
 only then does uvicorn's own shutdown run, which lets the last responses go out. The gRPC server
 (`DSD_GRPC_PORT`, 0 disables it) shares the runtime and listens from the start; its health is SERVING only between
-the warm-up and SIGTERM, and it stops after the engine drained.
+the warm-up and SIGTERM, and it stops after the engine drained. Jobs (`/v1/jobs`) are claimed from the shared queue
+once the model is ready; on SIGTERM the replica stops claiming, and the jobs it runs finish and store their results
+before it exits.
 
     BENTOML_DO_NOT_TRACK=True bentoml serve service:DSDService --port 3000
 """
@@ -26,6 +28,7 @@ from pydantic import ValidationError
 from dsd_model.settings import Settings
 from dsd_serve.grpc_server import GrpcServer
 from dsd_serve.http import create_app
+from dsd_serve.jobs import Jobs
 
 logger = logging.getLogger("dsd_serve")
 try:
@@ -42,7 +45,9 @@ class DSDService:
         self.settings = settings
         self.runtime = None
         self.load_failed = False
-        self.grpc = GrpcServer(self.settings) if self.settings.grpc_port else None
+        self.jobs = Jobs(self.settings)
+        app.state.jobs = self.jobs
+        self.grpc = GrpcServer(self.settings, self.jobs) if self.settings.grpc_port else None
         if self.grpc is not None:
             self.grpc.start()
         self._drain_started = threading.Event()
@@ -81,6 +86,7 @@ class DSDService:
         app.state.runtime = runtime
         if self.grpc is not None:
             self.grpc.attach(runtime)
+        self.jobs.start_worker(runtime)
         logger.info("ready: profile %s, adapters %s", runtime.profile, runtime.pipe.adapters.names)
 
     def __is_ready__(self) -> bool:
@@ -90,11 +96,15 @@ class DSDService:
         return not self.load_failed
 
     def drain_engine(self) -> None:
+        """Stop claiming jobs and admitting requests, let the engine finish its work and the jobs store their
+        results."""
+        self.jobs.stop_claiming()
         if self.grpc is not None:
             self.grpc.stop_serving()
         if self.runtime is not None:
             clean = self.runtime.drain()
             logger.info("engine drained (%s)", "clean" if clean else "timed out; the rest was cancelled")
+        self.jobs.stop(timeout=self.settings.drain_timeout_s)
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:

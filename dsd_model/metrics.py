@@ -68,3 +68,20 @@ STEP_CACHE_ROWS = Counter(
     "cached remainder, `computed` ran every block.",
     ["outcome"],
 )
+JOBS_BACKLOG = Gauge(
+    "dsd_jobs_backlog", "Jobs in the shared queue that no replica has claimed yet (the same value on every replica, "
+    "read from Redis): the autoscaling signal of asynchronous work.", multiprocess_mode="livemax",
+)
+JOBS_FINISHED = Counter("dsd_jobs_finished_total", "Jobs this replica ended, by state (succeeded, failed, canceled).",
+                        ["state"])
+JOBS_RECLAIMED = Counter("dsd_jobs_reclaimed_total", "Jobs this replica took over from a replica that stopped sending "
+                         "heartbeats.")
+JOB_DURATION = Histogram("dsd_job_duration_seconds", "From submission to the stored result of a job.", ["state"],
+                         buckets=SECONDS)
+WEBHOOK_ATTEMPTS = Counter(
+    "dsd_webhook_attempts_total", "Webhook delivery attempts, by outcome (delivered, rejected: a non-2xx answer, "
+    "unreachable: no answer, refused: the address is not allowed).", ["outcome"],
+)
+WEBHOOK_ABANDONED = Counter("dsd_webhook_abandoned_total", "Webhook events given up after DSD_WEBHOOK_RETRY_FOR_S.")
+WEBHOOK_LATENCY = Histogram("dsd_webhook_latency_seconds", "From a job's end to the receiver's 2xx answer.",
+                            buckets=SECONDS)

@@ -259,6 +259,78 @@ class Settings(BaseSettings):
         "or is always refused (`refuse`).",
     )
 
+    # ---- asynchronous jobs
+    jobs_result_ttl_s: int = Field(
+        86_400, ge=1, description="Lifetime of a job's state, results and idempotency key, counted from submission "
+        "and again from its end; a day covers a product backend's retries and a user's return to a result, and "
+        "results are then gone (410).",
+    )
+    jobs_visibility_timeout_s: float = Field(
+        30.0, ge=1, le=3600, description="A claimed job whose replica sent no heartbeat for this long is reclaimed "
+        "by another replica. The heartbeat runs every third of it, so a few slow Redis calls never lose a job; it "
+        "is also how long a job of a killed replica waits before it runs again.",
+    )
+    jobs_pull_below: int = Field(
+        1, ge=1, le=100_000, description="A replica claims a queued job only while fewer than this many requests "
+        "wait in its engine: with 1 it claims only when the running batch has taken everything waiting, so long "
+        "jobs go to the replicas with room instead of queueing behind busy ones.",
+    )
+    jobs_max_backlog: int = Field(
+        1000, ge=1, le=1_000_000, description="Jobs queued or running in the shared queue before submissions get "
+        "429 / RESOURCE_EXHAUSTED: each keeps its reference (up to DSD_MAX_UPLOAD_BYTES) in Redis until it runs, so "
+        "this bounds Redis memory (about 1 GB for typical 1 MB uploads); KEDA adds replicas long before.",
+    )
+    jobs_max_attempts: int = Field(
+        3, ge=1, le=100, description="Runs of one job before it fails: each lost replica costs one, so a job that "
+        "kills its replica cannot take down the fleet one replica after another.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="Standard Webhooks signing secret (`whsec_` + base64, from a Secret); without it jobs "
+        "that name a webhook are refused, since unsigned callbacks cannot be trusted by the receiver.",
+    )
+    webhook_allow: list[str] = Field(
+        default_factory=list, description='Hosts and CIDRs webhooks may reach even though they are private, '
+        'loopback or link-local, e.g. ["10.0.0.0/8", "hooks.internal"]. JSON in DSD_WEBHOOK_ALLOW. Empty: public '
+        "addresses only, so a request cannot point the service at the cluster's internal endpoints.",
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="One delivery attempt; receivers should "
+                                     "answer at once and work later, as the Standard Webhooks spec advises.")
+    webhook_backoff_s: float = Field(
+        1.0, gt=0, le=600, description="Wait before the first retry; it doubles after each failed attempt, up to a "
+        "minute between attempts.",
+    )
+    webhook_retry_for_s: float = Field(
+        900.0, gt=0, le=86_400, description="Attempts stop this long after the first one; a quarter of an hour "
+        "rides out a receiver's deploy or restart. Undelivered events stay readable with GET /v1/jobs/{id}.",
+    )
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _check_allow(cls, entries: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in entries:
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError as exc:
+                    raise ValueError(f"webhook_allow entry {entry!r} is not a CIDR: {exc}") from exc
+            elif not entry or any(char in entry for char in " :@?#"):
+                raise ValueError(f"webhook_allow entry {entry!r} is neither a host name, an IP address nor a CIDR")
+        return entries
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None:
+            from standardwebhooks import Webhook
+
+            try:
+                Webhook(secret.get_secret_value())
+            except Exception as exc:
+                raise ValueError("webhook_secret must be `whsec_` followed by base64 (Standard Webhooks format)") from exc
+        return secret
+
     @field_validator("size")
     @classmethod
     def _check_size(cls, value: int) -> int:

@@ -42,6 +42,11 @@ def to_params(request: pb.GenerateRequest, time_remaining: float | None, max_dea
     return GenerateParams.model_validate(fields)
 
 
+JOB_CALLS = (pb.SubmitJobRequest, pb.JobRef)
+"""Request messages of the job rpcs: they queue or read jobs rather than generate, so their latency is no request
+latency."""
+
+
 def mode_label(request: pb.GenerateRequest) -> str:
     """The request's mode for metrics labels: `default` when it names none, `unknown` when it is not one of ours."""
     if request.mode == pb.MODE_UNSPECIFIED:
@@ -77,3 +82,29 @@ def to_event(image_index: int, event: Event) -> pb.GenerateEvent | None:
     if event.kind == "step":
         return pb.GenerateEvent(step=pb.Step(image_index=image_index, step=event.step, total=event.total))
     return None
+
+
+JOB_STATES = {"queued": pb.JOB_STATE_QUEUED, "running": pb.JOB_STATE_RUNNING, "succeeded": pb.JOB_STATE_SUCCEEDED,
+              "failed": pb.JOB_STATE_FAILED, "canceled": pb.JOB_STATE_CANCELED}
+
+
+def to_job(view: dict, images: list[bytes] | None = None) -> pb.Job:
+    """A job's status document (`jobs.job_view`) as a message; the result is set when `images` are given."""
+    job = pb.Job(
+        id=view["id"], state=JOB_STATES[view["status"]], position=view["position"] or 0,
+        step=view["progress"]["step"], total=view["progress"]["total"], attempts=view["attempts"],
+        created_at=view["created_at"], started_at=view["started_at"] or 0, finished_at=view["finished_at"] or 0,
+        expires_at=view["expires_at"],
+    )
+    if view["error"] is not None:
+        job.error.CopyFrom(pb.JobError(code=view["error"]["code"], message=view["error"]["message"],
+                                       field=view["error"]["field"] or ""))
+    if images is not None:
+        result = view["result"]
+        job.result.CopyFrom(pb.GenerateResponse(
+            images=images, format=FORMAT_VALUES[result["format"]], seeds=result["seeds"],
+            mode=MODE_VALUES.get(result["mode"], pb.MODE_UNSPECIFIED), size=result["size"], profile=result["profile"],
+            request_id=view["id"], timings=pb.Timings(**result["timings"]), notice=result["notice"] or "",
+            notices=result.get("notices", []),
+        ))
+    return job

@@ -33,6 +33,8 @@ from dsd_model.settings import Settings
 
 from . import grpc_convert as convert
 from .grpc_stubs import dsd_pb2, dsd_pb2_grpc
+from .jobs import TERMINAL, JobEnded, JobNotFound, Jobs, JobSpec, JobStoreError
+from .webhooks import EVENTS
 from .http import REQUEST_ID
 
 if TYPE_CHECKING:
@@ -50,6 +52,8 @@ IMAGE_BYTES = 3 * limits.MAX_SIZE**2 + 64 * 1024
 DEADLINE_SLACK_S = 0.25
 """A call cancelled this close to its deadline counts as timed out: the client's side of the deadline fires first, and
 its cancellation reaches the server up to one network delay before the server's own copy of the deadline passes."""
+WATCH_TIMEOUT_S = 1.0
+"""Longest wait of WatchJob for a job change before reading the job anyway (change notices are best-effort)."""
 STOP_GRACE_S = 10.0
 """Stopping waits this long for calls in flight; it comes after the engine drained, so they only encode and send.
 Health Watch streams stay open until it ends."""
@@ -86,6 +90,12 @@ def status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str, t
     if isinstance(exc, ContentPolicyError):
         metadata = (("check", exc.check),) + ((("field", exc.field),) if exc.field else ())
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc), metadata, "content_policy"
+    if isinstance(exc, JobNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc), (("field", "id"),), "not_found"
+    if isinstance(exc, JobEnded):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc), (("field", "id"),), "conflict"
+    if isinstance(exc, JobStoreError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), (("retry-after-s", RETRY_UNAVAILABLE_S),), "rejected"
     if isinstance(exc, QueueFull):
         retry = (("retry-after-s", str(int(exc.retry_after))),)
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), retry, "rejected"
@@ -158,16 +168,17 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             code, details, metadata, outcome = status_for(exc, request_id)
             await context.abort(code, details, trailing_metadata=trailing + metadata)
         finally:
-            mode = convert.mode_label(request) if request is not None else "unknown"
-            labels = dict(transport="grpc", mode=mode, outcome=outcome)
-            metrics.REQUEST_DURATION.labels(**labels).observe(time.monotonic() - started)
+            if not isinstance(request, convert.JOB_CALLS):
+                mode = convert.mode_label(request) if request is not None else "unknown"
+                labels = dict(transport="grpc", mode=mode, outcome=outcome)
+                metrics.REQUEST_DURATION.labels(**labels).observe(time.monotonic() - started)
 
     @staticmethod
     def _decode(message: bytes, decode):
         try:
             return decode(message)
         except DecodeError as exc:
-            name = dsd_pb2.GenerateRequest.DESCRIPTOR.full_name
+            name = decode.__self__.DESCRIPTOR.full_name
             raise RpcFault(grpc.StatusCode.INVALID_ARGUMENT,
                            f"the request ({len(message)} bytes) is not a serialized {name} message",
                            "invalid_argument") from exc
@@ -185,16 +196,21 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
     """Converts, submits to the runtime, converts back; every failure is raised for the interceptor to map."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, jobs: Jobs | None = None):
         self.settings = settings
+        self.jobs = jobs
         self.runtime: Runtime | None = None
         """Set by `GrpcServer.attach` once the model is loaded."""
 
-    async def _submit(self, request: dsd_pb2.GenerateRequest, context) -> tuple[Runtime, Submission]:
+    def _ready_runtime(self) -> Runtime:
         runtime = self.runtime
         if runtime is None or not runtime.engine.ready:
             raise RpcFault(grpc.StatusCode.UNAVAILABLE, "the model is loading or the server is draining", "unavailable",
                            (("retry-after-s", RETRY_UNAVAILABLE_S),))
+        return runtime
+
+    async def _submit(self, request: dsd_pb2.GenerateRequest, context) -> tuple[Runtime, Submission]:
+        runtime = self._ready_runtime()
         params = convert.to_params(request, context.time_remaining(), self.settings.max_deadline_s)
         submission = await runtime.submit(params, request.image, request_id=current_request_id.get())
         return runtime, submission
@@ -219,6 +235,43 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
             submission.cancel(cancel_reason(context))
             raise
         yield convert.to_result_event(result, submission, runtime)
+
+    def _jobs(self) -> Jobs:
+        if self.jobs is None:
+            raise RpcFault(grpc.StatusCode.UNAVAILABLE, "jobs are not available on this server", "unavailable")
+        return self.jobs
+
+    async def _job(self, job_id: str) -> dsd_pb2.Job:
+        jobs = self._jobs()
+        view = await jobs.view(job_id)
+        return convert.to_job(view, await jobs.images(view) if view["status"] == "succeeded" else None)
+
+    async def SubmitJob(self, request, context):
+        runtime = self._ready_runtime()
+        params = convert.to_params(request.request, None, self.settings.max_deadline_s)
+        spec = JobSpec(params, request.webhook or None, list(request.webhook_events) or list(EVENTS))
+        job_id, _ = await self._jobs().submit(runtime, spec, request.request.image, request.idempotency_key or None)
+        return await self._job(job_id)
+
+    async def GetJob(self, request, context):
+        return await self._job(request.id)
+
+    async def WatchJob(self, request, context):
+        jobs, last = self._jobs(), None
+        async with jobs.watch(request.id) as changed:
+            while True:
+                view = await jobs.view(request.id)
+                key = (view["status"], view["position"], view["progress"]["step"])
+                if view["status"] in TERMINAL:
+                    yield convert.to_job(view, await jobs.images(view) if view["status"] == "succeeded" else None)
+                    return
+                if key != last:
+                    last = key
+                    yield convert.to_job(view)
+                await changed(WATCH_TIMEOUT_S)
+
+    async def CancelJob(self, request, context):
+        return convert.to_job(await self._jobs().cancel(request.id))
 
 
 def read_pem(path: Path, setting: str) -> bytes:
@@ -250,9 +303,9 @@ class GrpcServer:
     hands it the loaded runtime and turns health SERVING; `stop_serving` turns health NOT_SERVING for good (on
     SIGTERM); `stop` lets calls in flight finish and closes. Every method may be called from any thread."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, jobs: Jobs | None = None):
         self.settings = settings
-        self.servicer = DSDServicer(settings)
+        self.servicer = DSDServicer(settings, jobs)
         self.port: int | None = None
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None

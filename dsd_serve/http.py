@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hmac
 import json
 import logging
@@ -17,7 +18,7 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -27,7 +28,9 @@ from dsd_model import metrics, provenance
 from dsd_model.errors import ContentPolicyError, DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
 from dsd_model.settings import Settings
 
-from .schemas import ErrorResponse, GenerateJSON, GenerateParams, GenerateResponse, Timings
+from . import jobs as job_queue
+from . import webhooks
+from .schemas import ErrorResponse, GenerateJSON, GenerateParams, GenerateResponse, JobJSON, JobParams, Timings
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,14 @@ def error_response(exc: BaseException, request_id: str) -> tuple[JSONResponse, s
             message = f"{message}; accepted: {expected}"
     elif isinstance(exc, ContentPolicyError):
         status, code, message, field, outcome = 422, "content_policy", str(exc), exc.field, "content_policy"
+    elif isinstance(exc, job_queue.JobNotFound):
+        status, code = (410, "expired") if exc.expired else (404, "not_found")
+        message, field, outcome = str(exc), "job_id", code
+    elif isinstance(exc, job_queue.JobEnded):
+        status, code, message, field, outcome = 409, "conflict", str(exc), "job_id", "conflict"
+    elif isinstance(exc, job_queue.JobStoreError):
+        status, code, message, field, outcome = 503, "unavailable", str(exc), None, "rejected"
+        headers["Retry-After"] = "5"
     elif isinstance(exc, QueueFull):
         status, code, message, field, outcome = 429, "resource_exhausted", str(exc), None, "rejected"
         headers["Retry-After"] = str(int(exc.retry_after))
@@ -120,6 +131,7 @@ def accepted_values(field: str | None) -> str | None:
 
 
 def authenticate(request: Request, runtime) -> None:
+    """Check the API key of `runtime.settings` (the runtime, or the jobs before the model has loaded)."""
     key = runtime.settings.api_key
     if key is None:
         return
@@ -249,15 +261,16 @@ class FormParser(MultiPartParser):
         super().on_part_end()
 
 
-async def parse_request(request: Request, runtime) -> tuple[GenerateParams, bytes]:
+async def parse_request(request: Request, runtime, json_model=GenerateJSON, form_model=GenerateParams):
+    """The request's parameters (a `form_model`) and reference image bytes, from JSON (`json_model`) or multipart."""
     settings = runtime.settings
     uploads: Uploads = request.app.state.uploads
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         body = await uploads.read(request, settings.max_upload_bytes * 4 // 3 + FORM_OVERHEAD, settings)
-        payload = GenerateJSON.model_validate(parse_json(body))
+        payload = json_model.model_validate(parse_json(body))
         image = decode_base64_image(payload.image)
-        return GenerateParams.model_validate(payload.model_dump(exclude={"image"})), image
+        return form_model.model_validate(payload.model_dump(exclude={"image"})), image
     if content_type == "multipart/form-data":
         body = await uploads.read(request, settings.max_upload_bytes + FORM_OVERHEAD, settings)
 
@@ -275,7 +288,7 @@ async def parse_request(request: Request, runtime) -> tuple[GenerateParams, byte
         if not isinstance(upload, UploadFile):
             raise InputError("image", "multipart upload needs a file part named `image`")
         image = await upload.read()
-        return GenerateParams.model_validate(fields), image
+        return form_model.model_validate(fields), image
     raise ClientFault(415, "unsupported_media_type",
                       f"content type {content_type or 'none'!r} is not accepted; send application/json or multipart/form-data")
 
@@ -340,6 +353,8 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
             authenticate(request, runtime)
             params, image = await parse_request(request, runtime)
             mode = params.mode or "default"
+            if wants_job(request):
+                return await generate_as_job(request, runtime, params, image, request_id)
             submission = await runtime.submit(params, image, request_id=request_id)
             result = await wait_watching_client(request, submission)
         except Exception as exc:
@@ -391,4 +406,163 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
             return error_response(exc, request_id)[0]
         return JSONResponse(report, headers={"X-Request-ID": request_id})
 
+    add_job_routes(app)
     return app
+
+
+# ---------------------------------------------------------------------------------------------------- jobs
+
+WATCH_TIMEOUT_S = 1.0
+"""Longest wait for a job change before reading the job anyway: the change notices are best-effort (Redis pub/sub)."""
+SSE_KEEPALIVE_S = 15.0
+"""A comment line this often keeps proxies from closing a quiet stream."""
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+ERROR_STATUS = {"invalid_argument": 422, "deadline_exceeded": 504, "cancelled": 499, "internal": 500}
+"""HTTP status of `POST /generate` for a job that ended with a stored error of this code."""
+
+
+def wants_job(request: Request) -> bool:
+    """`Prefer: respond-async` (RFC 7240) or an `Idempotency-Key`: the request goes through the job queue."""
+    prefer = {part.strip().lower() for part in request.headers.get("prefer", "").split(",")}
+    return "respond-async" in prefer or "idempotency-key" in request.headers
+
+
+def job_store(request: Request) -> job_queue.Jobs:
+    jobs = getattr(request.app.state, "jobs", None)
+    if jobs is None:
+        raise ClientFault(503, "unavailable", "jobs are not available yet; the server is starting",
+                          headers={"Retry-After": "5"})
+    return jobs
+
+
+def ready_runtime(request: Request):
+    runtime = request.app.state.runtime
+    if runtime is None or not runtime.engine.ready:
+        raise ClientFault(503, "unavailable", "the model is loading or the server is draining",
+                          headers={"Retry-After": "5"})
+    return runtime
+
+
+async def submit_job(request: Request, runtime, spec: job_queue.JobSpec, image: bytes) -> JSONResponse:
+    jobs = job_store(request)
+    job_id, created = await jobs.submit(runtime, spec, image, request.headers.get("idempotency-key"))
+    view = await jobs.view(job_id)
+    headers = {"Location": view["links"]["self"], "X-Request-ID": job_id}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(view, status_code=202, headers=headers)
+
+
+async def generate_as_job(request: Request, runtime, params: GenerateParams, image: bytes, request_id: str):
+    """`POST /generate` through the queue: 202 with the job for `Prefer: respond-async`; otherwise (an
+    Idempotency-Key alone) wait for the job, so a repeated key answers with the first request's result."""
+    spec = job_queue.JobSpec(params)
+    prefer = {part.strip().lower() for part in request.headers.get("prefer", "").split(",")}
+    if "respond-async" in prefer:
+        return await submit_job(request, runtime, spec, image)
+    jobs = job_store(request)
+    job_id, _ = await jobs.submit(runtime, spec, image, request.headers.get("idempotency-key"))
+    async with jobs.watch(job_id) as changed:
+        while (view := await jobs.view(job_id))["status"] not in job_queue.TERMINAL:
+            if await request.is_disconnected():
+                raise RequestCancelled(request_id)
+            await changed(WATCH_TIMEOUT_S)
+    if view["status"] != "succeeded":
+        error = view["error"] or job_queue.cancelled_error()
+        raise ClientFault(ERROR_STATUS.get(error["code"], 500), error["code"], error["message"], error["field"])
+    result = view["result"]
+    images = await jobs.images(view)
+    body = GenerateResponse(
+        images=[base64.b64encode(data).decode("ascii") for data in images],
+        format=result["format"], seeds=result["seeds"], mode=result["mode"], size=result["size"],
+        profile=result["profile"], request_id=job_id, timings=Timings(**result["timings"]), notice=result["notice"],
+        notices=result.get("notices", []),
+    )
+    return JSONResponse(body.model_dump(), headers={"X-Request-ID": job_id})
+
+
+def job_route(handler):
+    """Authentication and the error mapping around a job route."""
+
+    @functools.wraps(handler)
+    async def route(request: Request, **path):
+        try:
+            authenticate(request, job_store(request))
+            return await handler(request, **path)
+        except Exception as exc:
+            return error_response(exc, path.get("job_id") or uuid.uuid4().hex)[0]
+
+    return route
+
+
+def add_job_routes(app: FastAPI) -> None:
+    """Asynchronous jobs: submit, status, progress stream, cancel, result images."""
+    errors = {code: {"model": ErrorResponse} for code in (401, 404, 409, 410, 413, 415, 422, 503)}
+
+    @app.post("/v1/jobs", status_code=202, responses=errors,
+              openapi_extra={"requestBody": {"content": {"application/json": {"schema": JobJSON.model_json_schema()}},
+                                             "required": True}})
+    @job_route
+    async def create_job(request: Request):
+        """Queue a generation (the body of `POST /generate`, JSON or multipart, plus `webhook` and
+        `webhook_events`); answers 202 with the job's id and links. An `Idempotency-Key` header returns the job of
+        an earlier identical request instead of queueing another."""
+        runtime = ready_runtime(request)
+        params, image = await parse_request(request, runtime, JobJSON, JobParams)
+        generation = GenerateParams.model_validate(params.model_dump(exclude={"webhook", "webhook_events"}))
+        events = params.webhook_events if params.webhook_events is not None else list(webhooks.EVENTS)
+        return await submit_job(request, runtime, job_queue.JobSpec(generation, params.webhook, events), image)
+
+    @app.get("/v1/jobs/{job_id}", responses=errors)
+    @job_route
+    async def get_job(request: Request, job_id: str):
+        """The job's status (queued, running, succeeded, failed, canceled), queue position, step i of N, times,
+        error (with the field at fault) and result links."""
+        return JSONResponse(await job_store(request).view(job_id))
+
+    @app.get("/v1/jobs/{job_id}/events", responses=errors, response_class=StreamingResponse)
+    @job_route
+    async def job_events(request: Request, job_id: str):
+        """Server-Sent Events: a `status` event (the body of GET /v1/jobs/{id}) whenever the status, position or
+        step changes; the stream ends after the final status."""
+        jobs = job_store(request)
+        await jobs.view(job_id)
+
+        async def stream():
+            last, quiet = None, time.monotonic()
+            async with jobs.watch(job_id) as changed:
+                while True:
+                    view = await jobs.view(job_id)
+                    key = (view["status"], view["position"], view["progress"]["step"])
+                    if key != last:
+                        last, quiet = key, time.monotonic()
+                        yield f"event: status\ndata: {json.dumps(view)}\n\n"
+                    elif time.monotonic() - quiet > SSE_KEEPALIVE_S:
+                        quiet = time.monotonic()
+                        yield ": keep-alive\n\n"
+                    if view["status"] in job_queue.TERMINAL:
+                        return
+                    await changed(WATCH_TIMEOUT_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/jobs/{job_id}/cancel", status_code=202, responses=errors)
+    @job_route
+    async def cancel_job(request: Request, job_id: str):
+        """Cancel a queued job at once, or a running one at its next denoising step; 409 when it already ended."""
+        return JSONResponse(await job_store(request).cancel(job_id), status_code=202)
+
+    @app.get("/v1/jobs/{job_id}/images/{index}", responses=errors, response_class=Response)
+    @job_route
+    async def job_image(request: Request, job_id: str, index: str):
+        """Result image `index` (0-based) as raw bytes, with the job's output format as content type."""
+        jobs = job_store(request)
+        view = await jobs.view(job_id)
+        if not index.isdigit():
+            raise InputError("index", f"{index!r} is not an image index (0, 1, ...)")
+        count = len(jobs.result_of(view)["images"])
+        if int(index) >= count:
+            raise ClientFault(404, "not_found", f"image {index} does not exist; the job has {count}", field="index")
+        data = await jobs.call("image", job_id, int(index))
+        return Response(data, media_type=MEDIA_TYPES[view["result"]["format"]])

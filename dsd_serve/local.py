@@ -109,15 +109,17 @@ def wait_ready(server: Server, timeout: float = 180.0) -> None:
 
 
 class RedisServer:
-    """`redis-server` on 127.0.0.1:`port` (chosen free at creation, kept across restarts), empty on every start."""
+    """`redis-server` on 127.0.0.1:`port` (chosen free at creation, kept across restarts), empty on every start
+    unless `appendonly`: then every write goes to an append-only file in `workdir`, and a restart keeps the data."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, appendonly: bool = False):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; `make redis-server` installs it (Debian, as root)")
         self.binary = binary
         self.workdir = workdir
         self.port = free_port()
+        self.appendonly = appendonly
         self.process: subprocess.Popen | None = None
 
     @property
@@ -130,7 +132,8 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         with (self.workdir / "redis.log").open("ab") as log:
             self.process = subprocess.Popen(
-                [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                 "--appendonly", "yes" if self.appendonly else "no",
                  "--dir", str(self.workdir)],
                 stdout=log, stderr=subprocess.STDOUT,
             )

@@ -54,6 +54,29 @@ class GenerateJSON(GenerateParams):
     image: Annotated[str, Field(min_length=1, description="reference image (PNG, JPEG, WebP, GIF or MPO), base64")]
 
 
+class JobFields(BaseModel):
+    """What `POST /v1/jobs` accepts beside the generation request."""
+
+    webhook: Annotated[str, Field(min_length=1, max_length=2048)] | None = Field(
+        None, description="http(s) URL that receives the job's end as a signed Standard Webhooks POST")
+    webhook_events: list[str] | None = Field(
+        None, description="events to send: job.succeeded, job.failed, job.canceled (all when absent); a "
+        "comma-separated string in multipart forms")
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _split(cls, value):
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+
+class JobParams(GenerateParams, JobFields):
+    """A multipart job request's fields."""
+
+
+class JobJSON(GenerateJSON, JobFields):
+    """The JSON body of `POST /v1/jobs`: the body of `POST /generate` plus the webhook."""
+
+
 class Timings(BaseModel):
     queue_s: float
     run_s: float

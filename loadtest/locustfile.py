@@ -9,6 +9,7 @@ local service and runs this headless; against a cluster, point --host and --grpc
 
 import base64
 import io
+import json
 import random
 import time
 
@@ -101,6 +102,47 @@ class RestUser(FastHttpUser):
                 response.failure(f"HTTP {response.status_code} {error_code(response)}")
             elif len(response.json()["images"]) != fields["num_images"]:
                 response.failure("wrong number of images")
+
+
+class JobUser(FastHttpUser):
+    """`POST /v1/jobs`, then the job's Server-Sent Events, read to their end (the final status); reported as
+    `job submit` (the 202), `job events` and `job done` (submission to the final status). Run it by naming it:
+    `locust ... JobUser` (`loadtest/run --jobs`)."""
+
+    weight = 1
+    wait_time = between(0.2, 1.0)
+    network_timeout = REQUEST_TIMEOUT_S
+    connection_timeout = 10.0
+
+    def on_start(self):
+        self.rng = random.Random()
+        key = self.environment.parsed_options.api_key
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    @task
+    def job(self):
+        fields = request_mix(self.rng, self.environment.parsed_options)
+        image = IMAGES[fields.pop("reference")]
+        body = dict(fields, image=base64.b64encode(image).decode("ascii"))
+        started = time.perf_counter()
+        with self.client.post("/v1/jobs", json=body, headers=self.headers, name="job submit",
+                              catch_response=True) as response:
+            if response.status_code != 202:
+                response.failure(f"HTTP {response.status_code} {error_code(response)}")
+                return
+            job_id = response.json()["id"]
+        final, exception = None, None
+        with self.client.get(f"/v1/jobs/{job_id}/events", headers=self.headers, name="job events",
+                             catch_response=True) as stream:
+            for line in stream.text.splitlines():
+                if line.startswith("data: "):
+                    final = json.loads(line[len("data: "):])
+        if final is None or final["status"] != "succeeded":
+            exception = RuntimeError(f"job ended {final and final['status']}: {final and final['error']}")
+        self.environment.events.request.fire(
+            request_type="JOB", name="job done", response_time=(time.perf_counter() - started) * 1000,
+            response_length=0, response=None, context=None, exception=exception,
+        )
 
 
 class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):

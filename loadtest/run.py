@@ -37,6 +37,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stop-redis-after", type=float,
                         help="stop Redis this many seconds after the first request finished")
     parser.add_argument("--max-queue", default="64", help="DSD_MAX_QUEUE of the service")
+    parser.add_argument("--jobs", action="store_true",
+                        help="add the job user (POST /v1/jobs, then its event stream) to the REST and gRPC users")
     return parser.parse_args(argv)
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--api-key", API_KEY, "--image-size", str(args.image_size), "--steps", args.steps,
                    "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.duration,
                    "--stop-timeout", "60", "--csv", str(args.out / "dsd"), "--html", str(args.out / "report.html"),
-                   "--loglevel", "WARNING"]
+                   "--loglevel", "WARNING", "RestUser", "GrpcUser"] + (["JobUser"] if args.jobs else [])
         done = threading.Event()
         fault = None
         if args.stop_redis_after is not None:

@@ -298,10 +298,12 @@ def test_monitoring_and_scaling(overlay, monkeypatch):
     for scaled in objects(overlay, "ScaledObject"):
         assert scaled["spec"]["scaleTargetRef"]["name"] == SERVICE
         assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
-        (trigger,) = scaled["spec"]["triggers"]
-        assert trigger["type"] == "prometheus"
-        assert check_promql(trigger["metadata"]["query"]) == {"dsd_queue_depth"}
-        assert f'namespace="{scaled["metadata"]["namespace"]}"' in trigger["metadata"]["query"]
+        read = set()
+        for trigger in scaled["spec"]["triggers"]:
+            assert trigger["type"] == "prometheus"
+            read |= check_promql(trigger["metadata"]["query"])
+            assert f'namespace="{scaled["metadata"]["namespace"]}"' in trigger["metadata"]["query"]
+        assert read == {"dsd_queue_depth", "dsd_jobs_backlog"}
     for rules in objects(overlay, "PrometheusRule"):
         for group in rules["spec"]["groups"]:
             for rule in group["rules"]:

@@ -1,0 +1,383 @@
+"""Asynchronous jobs: submission and queries on the shared store (`job_store`), and the worker that runs jobs on
+this replica.
+
+    submit → store (state + queue entry, idempotency key) → Worker of a replica with room → Runtime.submit
+           → progress and the result into the store (stored once) → webhook
+
+A replica claims a job only while its engine has room (DSD_JOBS_PULL_BELOW) and sends a heartbeat while it runs; a
+job whose replica stopped sending heartbeats for DSD_JOBS_VISIBILITY_TIMEOUT_S is claimed by another replica, so it
+runs at least once, and its end is written once. State, results and idempotency keys live DSD_JOBS_RESULT_TTL_S, so
+with Redis every replica answers for every job; without Redis jobs are lost with the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+
+import httpx
+import redis
+
+from dsd_model import metrics
+from dsd_model.errors import DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
+from dsd_model.settings import Settings
+
+from . import webhooks
+from .job_store import (CLAIM_BLOCK_S, JOB_ID, TERMINAL, Claim, JobSpec, cancelled_error, check_idempotency_key,
+                        open_store, submitted_at)
+
+logger = logging.getLogger(__name__)
+
+RETRY_SUBMIT_S = 0.2
+"""Wait before submitting again when the engine queue filled between the claim and the submission."""
+STORE_RETRY_S = 1.0
+"""Wait of the worker after a failed Redis call (Redis restarting or unreachable)."""
+
+
+class JobStoreError(Exception):
+    """The job store (Redis) cannot be reached; the request may be retried."""
+
+
+class JobNotFound(LookupError):
+    """No such job: never issued (`expired` False), or its results are past DSD_JOBS_RESULT_TTL_S."""
+
+    def __init__(self, message: str, expired: bool = False):
+        self.expired = expired
+        super().__init__(message)
+
+
+class JobEnded(Exception):
+    """The job already ended, so it cannot be cancelled; or it has not succeeded, so it has no images."""
+
+
+def error_of(exc: BaseException) -> dict:
+    """The stored error of a failed job: a client fault names its field, anything else is an internal error."""
+    if isinstance(exc, InputError):
+        return {"code": "invalid_argument", "message": str(exc), "field": exc.field}
+    if isinstance(exc, DeadlineExceeded):
+        return {"code": "deadline_exceeded", "message": str(exc), "field": "deadline_s"}
+    return {"code": "internal", "message": "internal error; the server log names the job id", "field": None}
+
+
+class Jobs:
+    """The job API of one replica: submission and queries on the shared store, and the worker that runs jobs here.
+    Every method may be called from any event loop; store calls run in threads."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = open_store(settings)
+        self.worker: Worker | None = None
+
+    async def call(self, method: str, *args):
+        try:
+            return await asyncio.to_thread(getattr(self.store, method), *args)
+        except redis.RedisError as exc:
+            raise JobStoreError(f"the job store is unreachable ({type(exc).__name__})") from exc
+
+    async def submit(self, runtime, spec: JobSpec, image: bytes, idempotency_key: str | None) -> tuple[str, bool]:
+        """Check the request as `Runtime.submit` would, then queue it. Raises `InputError` naming the field."""
+        await check_input(runtime, spec, image, self.settings)
+        return await self.call("submit", spec, image, check_idempotency_key(idempotency_key))
+
+    async def view(self, job_id: str) -> dict:
+        """The job's status document; raises `JobNotFound` for a malformed, unknown or expired id."""
+        if not JOB_ID.match(job_id):
+            raise JobNotFound(f"{job_id!r} is not a job id (28 hexadecimal digits)")
+        view = job_view(job_id, await self.call("get", job_id), self.settings)
+        if view is not None:
+            return view
+        if time.time() - submitted_at(job_id) > self.settings.jobs_result_ttl_s:
+            raise JobNotFound(f"job {job_id} and its results expired; results are kept "
+                              f"{self.settings.jobs_result_ttl_s} s (DSD_JOBS_RESULT_TTL_S)", expired=True)
+        raise JobNotFound(f"no job {job_id}")
+
+    async def cancel(self, job_id: str) -> dict:
+        """Cancel a queued job at once, a running one at its next step; raises `JobEnded` when it already ended."""
+        view = await self.view(job_id)
+        if view["status"] in TERMINAL:
+            raise JobEnded(f"job {job_id} already {view['status']}")
+        await self.call("cancel", job_id)
+        return await self.view(job_id)
+
+    def watch(self, job_id: str):
+        """Async context manager giving `wait(timeout)`, which returns once the job may have changed or after
+        `timeout`; read the job (`view`) again after each."""
+        return self.store.watch(job_id)
+
+    @staticmethod
+    def result_of(view: dict) -> dict:
+        """The result of a job `view`; raises `JobEnded` unless it succeeded."""
+        if view["result"] is None:
+            raise JobEnded(f"job {view['id']} is {view['status']}; images exist once it succeeded")
+        return view["result"]
+
+    async def images(self, view: dict) -> list[bytes]:
+        return [await self.call("image", view["id"], index) for index in range(len(self.result_of(view)["images"]))]
+
+    def start_worker(self, runtime) -> None:
+        self.worker = Worker(self.store, runtime, self.settings)
+        self.worker.start()
+
+    def stop_claiming(self) -> None:
+        if self.worker is not None:
+            self.worker.claiming.clear()
+
+    def stop(self, timeout: float) -> None:
+        if self.worker is not None:
+            self.worker.stop(timeout)
+        self.store.close()
+
+
+async def check_input(runtime, spec: JobSpec, image: bytes, settings: Settings) -> None:
+    """Refuse at submission what the run would refuse, so a client learns the field at once."""
+    from dsd_model.images import decode_image
+    from dsd_model.loading import adapter_for_mode
+
+    params = spec.params
+    if params.num_images > settings.max_images:
+        raise InputError("num_images", f"{params.num_images} exceeds the limit of {settings.max_images}")
+    if params.deadline_s is not None and params.deadline_s > settings.max_deadline_s:
+        raise InputError("deadline_s", f"{params.deadline_s} exceeds the limit of {settings.max_deadline_s} s")
+    if len(image) > settings.max_upload_bytes:
+        raise InputError("image", f"{len(image)} bytes exceeds the limit of {settings.max_upload_bytes}")
+    adapter_for_mode(runtime.pipe, params.mode)
+    await asyncio.to_thread(decode_image, image, "image")
+    unknown = sorted(set(spec.webhook_events) - set(webhooks.EVENTS))
+    if unknown:
+        raise InputError("webhook_events", f"{unknown} are not events; choose from {list(webhooks.EVENTS)}")
+    if spec.webhook is not None:
+        if settings.webhook_secret is None:
+            raise InputError("webhook", "this server has no webhook secret (DSD_WEBHOOK_SECRET), so it sends none")
+        await webhooks.check_url(spec.webhook, settings)
+
+
+class Worker:
+    """Claims jobs while the engine has room and runs each as a `Runtime.submit`, on its own thread and event loop.
+    Shutdown: `claiming` is cleared (no new claims), jobs the engine refuses are given back to the queue, and
+    `stop` waits for the running ones to store their results; webhook retries still pending then are dropped."""
+
+    def __init__(self, store, runtime, settings: Settings):
+        self.store, self.runtime, self.settings = store, runtime, settings
+        self.claiming = threading.Event()
+        self.claiming.set()
+        self.starting = 0
+        """Claimed jobs not yet in the engine queue; they count as waiting."""
+        self.tasks: set[asyncio.Task] = set()
+        """Jobs running here."""
+        self.deliveries: set[asyncio.Task] = set()
+        """Webhooks being sent or retried."""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="dsd-jobs", daemon=True)
+        self._main: asyncio.Future | None = None
+        self._webhooks: httpx.AsyncClient | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        self._main = asyncio.run_coroutine_threadsafe(self._claim_loop(), self._loop)
+
+    def stop(self, timeout: float) -> None:
+        self.claiming.clear()
+        try:
+            self._main.result(timeout=CLAIM_BLOCK_S + STORE_RETRY_S + 5)
+        except TimeoutError:
+            logger.warning("the job claim loop did not stop; its claim is reclaimed after the visibility timeout")
+        try:
+            asyncio.run_coroutine_threadsafe(self._wind_down(), self._loop).result(timeout)
+        except TimeoutError:
+            logger.warning("jobs still running at shutdown are left to another replica")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _wind_down(self) -> None:
+        if self.tasks:
+            await asyncio.wait(set(self.tasks))
+        for delivery in list(self.deliveries):
+            delivery.cancel()
+        if self._webhooks is not None:
+            await self._webhooks.aclose()
+
+    def has_room(self) -> bool:
+        return self.runtime.engine.queue_depth + self.starting < self.settings.jobs_pull_below
+
+    async def _claim_loop(self) -> None:
+        self._webhooks = webhooks.client(self.settings)
+        last_backlog = 0.0
+        while self.claiming.is_set():
+            try:
+                if time.monotonic() - last_backlog > 1.0:
+                    metrics.JOBS_BACKLOG.set(await asyncio.to_thread(self.store.backlog))
+                    last_backlog = time.monotonic()
+                if not self.has_room():
+                    await asyncio.sleep(0.05)
+                    continue
+                claim = await asyncio.to_thread(self.store.claim)
+            except redis.RedisError as exc:
+                logger.warning("job queue unreachable (%s); retrying in %.0f s", exc, STORE_RETRY_S)
+                await asyncio.sleep(STORE_RETRY_S)
+                continue
+            if claim is None:
+                continue
+            if not self.claiming.is_set():
+                await asyncio.to_thread(self.store.requeue, claim)
+                return
+            self.starting += 1
+            task = asyncio.create_task(self._run(claim))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, claim: Claim) -> None:
+        store = self.store
+        submitted = False
+        try:
+            previous, attempts = await asyncio.to_thread(store.start, claim.job_id)
+            if claim.reclaimed and previous == "running":
+                metrics.JOBS_RECLAIMED.inc()
+                logger.info("job %s reclaimed from a replica that stopped sending heartbeats", claim.job_id)
+            if attempts == 0:
+                await asyncio.to_thread(store.done, claim)
+                return
+            if attempts > self.settings.jobs_max_attempts:
+                error = {"code": "internal", "field": None,
+                         "message": f"the job's replica was lost on each of {attempts - 1} runs; it is not run again"}
+                await self._finish(claim, "failed", {"error": json.dumps(error)})
+                return
+            loaded = await asyncio.to_thread(store.reference, claim.job_id)
+            if loaded is None:
+                await asyncio.to_thread(store.done, claim)
+                return
+            spec, image = loaded
+            while True:
+                try:
+                    submission = await self.runtime.submit(spec.params, image, request_id=claim.job_id)
+                    break
+                except QueueFull:
+                    await asyncio.sleep(RETRY_SUBMIT_S)
+            self.starting -= 1
+            submitted = True
+            await self._follow(claim, spec, submission)
+        except Draining:
+            await asyncio.to_thread(store.requeue, claim)
+        except Exception as exc:
+            if not isinstance(exc, (InputError, DeadlineExceeded, redis.RedisError)):
+                logger.error("job %s failed", claim.job_id, exc_info=exc)
+            if isinstance(exc, redis.RedisError):
+                logger.warning("job %s: the store is unreachable (%s); another replica will run it", claim.job_id, exc)
+            else:
+                await self._finish(claim, "failed", {"error": json.dumps(error_of(exc))})
+        finally:
+            if not submitted:
+                self.starting -= 1
+
+    async def _follow(self, claim: Claim, spec: JobSpec, submission) -> None:
+        """Record progress, keep the claim alive, pass cancellation on, and store the result."""
+        store = self.store
+        steps = [0] * len(submission.jobs)
+        total = spec.params.steps * len(submission.jobs)
+        watch = asyncio.create_task(self._watch(claim, submission))
+        try:
+            async for index, event in submission.events():
+                if event.kind == "step":
+                    steps[index] = event.step
+                    try:
+                        await asyncio.to_thread(store.progress, claim.job_id, sum(steps), total)
+                    except redis.RedisError as exc:
+                        logger.warning("job %s: progress not recorded (%s)", claim.job_id, exc)
+            try:
+                result = await submission.result()
+            except RequestCancelled:
+                if watch.done() and watch.result() == "lost":
+                    return
+                if await asyncio.to_thread(store.cancel_requested, claim.job_id):
+                    await self._finish(claim, "canceled", {"error": json.dumps(cancelled_error())})
+                else:
+                    await asyncio.to_thread(store.requeue, claim)
+                return
+        except BaseException:
+            submission.cancel()
+            raise
+        finally:
+            watch.cancel()
+        params = spec.params
+        summary = {"count": len(result.images), "seeds": result.seeds, "format": params.output_format,
+                   "mode": params.mode, "size": submission.size, "profile": self.runtime.profile,
+                   "notice": self.runtime.notice, "notices": submission.notices,
+                   "timings": {"queue_s": result.queue_seconds, "run_s": result.run_seconds,
+                               "total_s": result.total_seconds}}
+        await self._finish(claim, "succeeded", {"result": json.dumps(summary), "step": total, "total": total},
+                           result.images)
+
+    async def _watch(self, claim: Claim, submission) -> str:
+        """Heartbeat every third of the visibility timeout and poll for cancellation; returns `lost` (and cancels the
+        run) when another replica reclaimed the job, `cancelled` when a client cancelled it."""
+        beat = self.settings.jobs_visibility_timeout_s / 3
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(min(0.25, beat))
+            try:
+                if time.monotonic() - last >= beat:
+                    last = time.monotonic()
+                    if not await asyncio.to_thread(self.store.heartbeat, claim):
+                        logger.warning("job %s was reclaimed by another replica; stopping here", claim.job_id)
+                        submission.cancel()
+                        return "lost"
+                if await asyncio.to_thread(self.store.cancel_requested, claim.job_id):
+                    submission.cancel()
+                    return "cancelled"
+            except redis.RedisError as exc:
+                logger.warning("job %s heartbeat failed (%s)", claim.job_id, exc)
+
+    async def _finish(self, claim: Claim, state: str, fields: dict, images: list[bytes] = ()) -> None:
+        """Store the end once, acknowledge the queue entry, and send the webhook when this call stored it. Redis
+        being unreachable is retried for a visibility timeout; after that another replica runs the job again."""
+        give_up = time.monotonic() + self.settings.jobs_visibility_timeout_s
+        while True:
+            try:
+                stored = await asyncio.to_thread(self.store.finish, claim.job_id, state, fields, images)
+                await asyncio.to_thread(self.store.done, claim)
+                break
+            except redis.RedisError:
+                if time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(STORE_RETRY_S)
+        if not stored:
+            return
+        metrics.JOBS_FINISHED.labels(state=state).inc()
+        metrics.JOB_DURATION.labels(state=state).observe(max(0.0, time.time() - submitted_at(claim.job_id)))
+        stored_fields = await asyncio.to_thread(self.store.get, claim.job_id)
+        spec = JobSpec.from_json(stored_fields["spec"]) if stored_fields else None
+        if spec is not None and spec.webhook and f"job.{state}" in spec.webhook_events:
+            view = job_view(claim.job_id, stored_fields, self.settings)
+            payload = {"type": f"job.{state}", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "data": view}
+            task = asyncio.create_task(webhooks.deliver(self._webhooks, spec.webhook, f"{claim.job_id}.{state}",
+                                                        payload, view["finished_at"], self.settings))
+            self.deliveries.add(task)
+            task.add_done_callback(self.deliveries.discard)
+
+
+def job_view(job_id: str, fields: dict | None, settings: Settings) -> dict | None:
+    """The status document of a job (REST body, webhook data): state, position, progress, times, error, results."""
+    if fields is None:
+        return None
+    result = json.loads(fields["result"]) if "result" in fields else None
+    if result is not None:
+        result["images"] = [f"/v1/jobs/{job_id}/images/{index}" for index in range(result.pop("count"))]
+    finished = float(fields["finished"]) if "finished" in fields else None
+    return {
+        "id": job_id,
+        "status": fields["state"],
+        "position": fields.get("position"),
+        "progress": {"step": int(fields.get("step", 0)), "total": int(fields.get("total", 0))},
+        "attempts": int(fields.get("attempts", 0)),
+        "created_at": float(fields["created"]),
+        "started_at": float(fields["started"]) if "started" in fields else None,
+        "finished_at": finished,
+        "expires_at": (finished or float(fields["created"])) + settings.jobs_result_ttl_s,
+        "error": json.loads(fields["error"]) if "error" in fields else None,
+        "result": result,
+        "links": {"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events",
+                  "cancel": f"/v1/jobs/{job_id}/cancel"},
+    }
