@@ -84,6 +84,18 @@ def without_credentials(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
+def connect(url: str, timeout_s: float) -> redis.Redis:
+    """A lazily connecting client whose every call gives up after `timeout_s`, for caches that serve without Redis."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_read_size=2**20,  # a cached latent of the official canvas (1 MiB) in one read, not 32
+        # one immediate reconnect replaces a pooled connection that Redis closed; a timeout is never retried
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+    )
+
+
 def failure_kind(exc: Exception) -> str:
     if isinstance(exc, redis.TimeoutError):
         return "timeout"
@@ -99,14 +111,7 @@ class LatentCache:
 
     def __init__(self, url: str, vae: AutoencoderKL, ttl_s: int, max_entry_bytes: int, timeout_s: float,
                  backoff_s: float = 1.0):
-        self.redis = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_read_size=2**20,  # a cached latent of the official canvas (1 MiB) in one read, not 32
-            # one immediate reconnect replaces a pooled connection that Redis closed; a timeout is never retried
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        )
+        self.redis = connect(url, timeout_s)
         self.address = without_credentials(url)
         self.timeout_s = timeout_s
         self.vae_id = vae_identity(vae)

@@ -62,6 +62,13 @@ PROVENANCE_DURATION = Histogram(
     "Time of one output stage per image: check (output classifier), watermark, encode, sign (C2PA).",
     ["stage"], buckets=STEP_SECONDS,
 )
+PROMPT_ENHANCEMENTS = Counter(
+    "dsd_prompt_enhancements_total",
+    "Requests that asked for prompt enhancement, by outcome: `enhanced` (asked the model), `cached` (an earlier "
+    "answer), `failed` (timeout, error or unconfigured: the prompt was used as given) or `too_long` (the enhanced "
+    "prompt exceeded the T5 window: the prompt was used as given).",
+    ["outcome"],
+)
 STEP_CACHE_ROWS = Counter(
     "dsd_step_cache_rows_total",
     "Transformer rows under the per-row step cache, by outcome: `reused` ran only the first block and reused its "

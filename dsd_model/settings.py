@@ -167,6 +167,37 @@ class Settings(BaseSettings):
         "embedding is 4 MiB in bfloat16 (512 x 4096), so 64 take 256 MiB of accelerator memory.",
     )
 
+    # ---- prompt enhancement
+    enhance_base_url: str | None = Field(
+        None, description="OpenAI-compatible API root of a vision-language model that rewrites short prompts into the "
+        "detailed captions DSD was trained on, e.g. https://api.openai.com/v1. Unset: enhancement is off, and a request "
+        "asking for it is served with its own prompt and a notice saying so.",
+    )
+    enhance_model: str | None = Field(None, description="Model name the enhancement server expects; it must read images.")
+    enhance_api_key: SecretStr | None = Field(None, description="Bearer token of the enhancement server; local servers "
+                                              "usually need none.")
+    enhance_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="Longest wait for an enhanced prompt before the request goes on with its own "
+        "prompt; a hosted VLM writes a caption in 2-5 s, and a longer wait would add more latency than a 28-step "
+        "generation on one GPU takes.",
+    )
+    enhance_default: bool = Field(
+        False, description="Enhance the prompts of requests that do not say (`enhance_prompt` absent); off because "
+        "enhancement sends the reference to another service and changes what a given prompt generates.",
+    )
+    enhance_concurrency: int = Field(
+        8, ge=1, le=256, description="Enhancement calls in flight per replica; one batch's worth of joiners "
+        "(max_batch_rows), so enhancement never holds back a full batch; later calls wait within enhance_timeout_s.",
+    )
+    enhance_cache_ttl_s: int = Field(
+        86_400, ge=1, description="Lifetime of a cached enhanced prompt (Redis or in-process); a day, like the latent "
+        "cache, spans a product session's retries of one reference and prompt.",
+    )
+    enhance_cache_size: int = Field(
+        1024, ge=1, le=1_000_000, description="Enhanced prompts kept in-process when DSD_REDIS_URL is unset; an entry "
+        "is a few KB at most, so 1024 take a few MB.",
+    )
+
     # ---- transports
     api_key: SecretStr | None = Field(None, description="When set, requests need `Authorization: Bearer <key>`.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC listen port (0 disables the gRPC server).")
@@ -374,6 +405,11 @@ class Settings(BaseSettings):
         if (self.c2pa_cert_chain is None) != (self.c2pa_private_key is None):
             raise ValueError("C2PA signing needs both c2pa_cert_chain and c2pa_private_key (DSD_C2PA_CERT_CHAIN, "
                              "DSD_C2PA_PRIVATE_KEY), or neither")
+        if self.enhance_base_url is not None and self.enhance_model is None:
+            raise ValueError("DSD_ENHANCE_BASE_URL needs DSD_ENHANCE_MODEL: the model the enhancement server runs")
+        if self.enhance_default and self.enhance_base_url is None:
+            raise ValueError("DSD_ENHANCE_DEFAULT enhances every prompt and needs DSD_ENHANCE_BASE_URL and "
+                             "DSD_ENHANCE_MODEL")
         if self.drain_timeout_s <= self.max_deadline_s:
             raise ValueError(
                 f"drain_timeout_s ({self.drain_timeout_s}) must exceed max_deadline_s ({self.max_deadline_s}) so that "

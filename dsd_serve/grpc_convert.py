@@ -21,7 +21,7 @@ FORMATS = {pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_JPEG: "jpeg", pb.OUTPUT
 MODE_VALUES = {name: value for value, name in MODES.items()}
 FORMAT_VALUES = {name: value for value, name in FORMATS.items()}
 OPTIONAL_FIELDS = ("steps", "guidance", "image_guidance", "text_guidance", "seed", "size", "num_images", "consent",
-                   "exact")
+                   "exact", "enhance_prompt")
 """Fields whose absence means the default; the others default when they hold proto3's zero value."""
 
 
@@ -67,6 +67,7 @@ def to_response(result: GenerationResult, submission: Submission, runtime: Runti
         timings=pb.Timings(queue_s=result.queue_seconds, run_s=result.run_seconds, total_s=result.total_seconds),
         notice=runtime.notice or "",
         notices=submission.notices,
+        enhanced_prompt=submission.enhanced_prompt or "",
     )
 
 

@@ -375,6 +375,7 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
             timings=Timings(queue_s=result.queue_seconds, run_s=result.run_seconds, total_s=result.total_seconds),
             notice=runtime.notice,
             notices=submission.notices,
+            enhanced_prompt=submission.enhanced_prompt,
         )
         return JSONResponse(body.model_dump(), headers={"X-Request-ID": request_id})
 

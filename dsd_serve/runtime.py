@@ -20,7 +20,8 @@ from typing import AsyncIterator, Callable
 
 from PIL import Image, ImageColor
 
-from dsd_model import GenerationRequest, InputError, limits
+from dsd_model import GenerationRequest, InputError, limits, metrics
+from dsd_model.enhance import open_enhancer
 from dsd_model.engine import Engine, EngineConfig, Event, Job, JobResult
 from dsd_model.images import Reference, read_reference
 from dsd_model.latent_cache import open_latent_cache
@@ -66,7 +67,10 @@ class Submission:
     finish: Callable[[Image.Image], bytes]
     """Checks, marks, encodes and signs one output image (`OutputStage.finish` bound to this request)."""
     notices: list[str] = field(default_factory=list)
-    """What was done to the inputs (`dsd_model.images`, `DSDPipeline.check_prompt`), for the response."""
+    """What was done to the inputs (`dsd_model.images`, `DSDPipeline.check_prompt`, prompt enhancement), for the
+    response."""
+    enhanced_prompt: str | None = None
+    """The prompt the jobs generate from when enhancement replaced `params.prompt`."""
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Cancel every job; `reason` as in `Job.cancel`."""
@@ -131,6 +135,7 @@ class Runtime:
             latent_cache=open_latent_cache(self.settings, self.pipe.vae),
         )
         self.outputs = OutputStage(self.settings)
+        self.enhancer = open_enhancer(self.settings)
         self._decoder = ThreadPoolExecutor(self.settings.max_concurrent_decodes, thread_name_prefix="dsd-decode")
         """Decodes wait here for a thread, so waiting holds no thread of either transport's event loop."""
 
@@ -146,7 +151,10 @@ class Runtime:
         self.engine.start()
 
     def drain(self) -> bool:
-        return self.engine.drain(timeout=self.settings.drain_timeout_s)
+        drained = self.engine.drain(timeout=self.settings.drain_timeout_s)
+        if self.enhancer is not None:
+            self.enhancer.close()
+        return drained
 
     async def read_reference(self, image: bytes, size: int, background: tuple[int, int, int]) -> Reference:
         """The reference reduced to the canvas it feeds; at most `max_concurrent_decodes` run at once."""
@@ -166,9 +174,31 @@ class Runtime:
             notices += self.pipe.check_prompt(params.negative_prompt, "negative_prompt")
         return notices
 
+    async def enhance_prompt(self, params: GenerateParams, reference: Reference) -> tuple[str | None, list[str]]:
+        """The enhanced prompt when the request asks for one (or the server enhances by default) and it fits the T5
+        window, with its notices; (None, why not) when the prompt stays as given."""
+        wanted = params.enhance_prompt if params.enhance_prompt is not None else self.settings.enhance_default
+        if not wanted:
+            return None, []
+        if self.enhancer is None:
+            metrics.PROMPT_ENHANCEMENTS.labels(outcome="failed").inc()
+            return None, ["enhance_prompt: this server has no enhancement model configured (DSD_ENHANCE_BASE_URL); "
+                          "the prompt was used as given"]
+        enhancement = await self.enhancer.enhance(reference.image, params.prompt)
+        if enhancement.prompt is None:
+            metrics.PROMPT_ENHANCEMENTS.labels(outcome=enhancement.outcome).inc()
+            return None, [enhancement.notice]
+        try:
+            notices = await asyncio.to_thread(self.pipe.check_prompt, enhancement.prompt, "enhanced_prompt")
+        except InputError as exc:
+            metrics.PROMPT_ENHANCEMENTS.labels(outcome="too_long").inc()
+            return None, [f"{exc}; the prompt was used as given"]
+        metrics.PROMPT_ENHANCEMENTS.labels(outcome=enhancement.outcome).inc()
+        return enhancement.prompt, notices
+
     async def submit(self, params: GenerateParams, image: bytes, request_id: str | None = None) -> Submission:
         """Validate against the service limits, refuse at once what the engine would refuse, decode the reference
-        into the canvas it feeds, and queue one engine job per image. Raises `InputError`, `QueueFull` or
+        into the canvas it feeds, enhance the prompt when asked, and queue one engine job per image. Raises `InputError`, `QueueFull` or
         `Draining` at once."""
         arrived = time.monotonic()
         request_id = request_id or uuid.uuid4().hex
@@ -185,6 +215,8 @@ class Runtime:
         self.engine.check_admission()
         reference = await self.read_reference(image, size, ImageColor.getrgb(params.background))
         await asyncio.to_thread(self.outputs.safety.check_input, reference.image, params.consent, request_id)
+        enhanced_prompt, enhance_notices = await self.enhance_prompt(params, reference)
+        prompt = enhanced_prompt or params.prompt
         image_digest = hashlib.sha256(image).hexdigest()
         first_seed = params.seed if params.seed is not None else secrets.randbelow(limits.MAX_SEED)
         jobs: list[Job] = []
@@ -192,7 +224,7 @@ class Runtime:
             for index in range(params.num_images):
                 request = GenerationRequest(
                     image=reference.image,
-                    prompt=params.prompt,
+                    prompt=prompt,
                     negative_prompt=params.negative_prompt,
                     num_inference_steps=params.steps,
                     guidance_scale=params.guidance,
@@ -212,7 +244,7 @@ class Runtime:
                 job.cancel()
             raise
         claim = Claim(request_id=request_id, model=self.outputs.model_name, adapter=adapter, profile=self.profile,
-                      prompt=params.prompt)
+                      prompt=prompt)
         finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim)
         return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived, finish=finish,
-                          notices=reference.notices + prompt_notices)
+                          notices=reference.notices + prompt_notices + enhance_notices, enhanced_prompt=enhanced_prompt)

@@ -36,6 +36,11 @@ class GenerateParams(BaseModel):
     )
     consent: bool = Field(False, description="the person shown in the reference agreed to this use (needed when the "
                           "service's input check flags the reference as showing a real person)")
+    enhance_prompt: bool | None = Field(
+        None, description="rewrite the prompt into a detailed caption of the reference's subject with the server's "
+        "vision-language model before generating (see `enhanced_prompt`); absent: the server's default "
+        "(DSD_ENHANCE_DEFAULT)",
+    )
     background: Annotated[str, Field(pattern=r"^#[0-9a-fA-F]{6}$", description="colour that transparent parts of "
                                      "the reference are composited on, #rrggbb")] = "#ffffff"
 
@@ -96,6 +101,10 @@ class GenerateResponse(BaseModel):
     notices: list[str] = Field(
         default_factory=list,
         description="what was done to the inputs, one line each, e.g. `image: transparency composited on #ffffff`",
+    )
+    enhanced_prompt: str | None = Field(
+        None, description="the prompt the images were generated from when prompt enhancement replaced the request's "
+        "prompt; null when the request's prompt was used as given",
     )
 
 
