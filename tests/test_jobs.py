@@ -119,7 +119,7 @@ def read_events(server, job_id: str) -> list[dict]:
 
 def test_server_sent_events_follow_the_job_to_its_end(cluster):
     a, b = cluster["a"], cluster["b"]
-    job = submit(a, steps=12).json()
+    job = submit(a, steps=60, image_guidance=2.0).json()
     events = read_events(b, job["id"])
     assert events[-1]["status"] == "succeeded" and events[-1]["result"]["images"]
     steps = [event["progress"]["step"] for event in events if event["status"] == "running"]
@@ -353,17 +353,21 @@ def test_a_full_queue_refuses_new_jobs_with_429_but_replays_known_keys(cluster):
 
 def test_queued_jobs_survive_a_redis_restart(cluster):
     a, b, redis = cluster["a"], cluster["b"], cluster["redis"]
-    blockers = [submit(a, steps=100, image_guidance=2.0, seed=i).json()["id"] for i in range(4)]
-    for job_id in blockers:
-        wait_for(a, job_id, until=lambda view: view["status"] == "running")
-    queued = [submit(a, seed=i).json()["id"] for i in range(3)]
-    views = [httpx.get(f"{b.url}/v1/jobs/{job_id}", timeout=10).json() for job_id in queued]
-    assert [(view["status"], view["position"]) for view in views] == [("queued", 1), ("queued", 2), ("queued", 3)]
-    refused = submit(b, seed=9)
-    assert len(blockers + queued) >= B_BACKLOG and refused.status_code == 429, refused.text
-    redis.restart()
-    for job_id in blockers:
-        assert httpx.post(f"{b.url}/v1/jobs/{job_id}/cancel", timeout=10).status_code == 202
+    # blockers of 4 images x 100 CFG steps keep both replicas busy far longer than the test needs them to
+    blockers = [submit(a, steps=100, image_guidance=2.0, num_images=4, seed=i).json()["id"] for i in range(4)]
+    queued = []
+    try:
+        for job_id in blockers:
+            wait_for(a, job_id, until=lambda view: view["status"] == "running")
+        queued = [submit(a, seed=i).json()["id"] for i in range(3)]
+        views = [httpx.get(f"{b.url}/v1/jobs/{job_id}", timeout=10).json() for job_id in queued]
+        assert [(view["status"], view["position"]) for view in views] == [("queued", 1), ("queued", 2), ("queued", 3)]
+        refused = submit(b, seed=9)
+        assert len(blockers + queued) >= B_BACKLOG and refused.status_code == 429, refused.text
+        redis.restart()
+    finally:
+        cancelled = [httpx.post(f"{b.url}/v1/jobs/{job_id}/cancel", timeout=10).status_code for job_id in blockers]
+    assert cancelled == [202] * len(blockers)
     assert [wait_for(a, job_id)["status"] for job_id in queued] == ["succeeded"] * 3
     assert {wait_for(a, job_id)["status"] for job_id in blockers} == {"canceled"}
 
