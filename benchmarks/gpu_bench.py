@@ -43,7 +43,7 @@ from dsd_model.acceleration import (
 from dsd_model.step_cache import EVALUATIONS_KEY, StepCache, blocks_per_row
 from dsd_model.tiny import (
     FLUX_SCHEDULER_CONFIG, build_real_size_transformer, build_real_size_vae, build_real_width_text_encoders,
-    build_tiny_tokenizers, is_attention_projection, tiny_lora_state_dict,
+    build_tiny_tokenizers, tiny_lora_state_dict,
 )
 from serving import REFERENCE, percentile, poisson_arrivals, run_engine, workload
 

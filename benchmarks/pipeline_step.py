@@ -91,7 +91,7 @@ def main() -> None:
     (p1, b1), (p2, b2) = measured[("real-size", "1+1")], measured[("real-size", "2+2")]
     per_pair, per_pair_cfg = p2 - p1, b2 - b1
     fixed, fixed_cfg = p1 - per_pair, b1 - per_pair_cfg
-    print(f"\nreal-size FLUX.1-dev extrapolated (19 double + 38 single blocks, cost split by parameter count 2.4:1):")
+    print("\nreal-size FLUX.1-dev extrapolated (19 double + 38 single blocks, cost split by parameter count 2.4:1):")
     for label, base, pair in (("1 row", fixed, per_pair), ("CFG 3 rows", fixed_cfg, per_pair_cfg)):
         double, single = pair * 2.4 / 3.4, pair * 1.0 / 3.4
         print(f"  {label:<11} {base + 19 * double + 38 * single:8.1f} s/step")

@@ -4,7 +4,6 @@ import base64
 import io
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
