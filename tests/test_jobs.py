@@ -367,9 +367,10 @@ def test_queued_jobs_survive_a_redis_restart(cluster):
         redis.restart()
     finally:
         cancelled = [httpx.post(f"{b.url}/v1/jobs/{job_id}/cancel", timeout=10).status_code for job_id in blockers]
-    assert cancelled == [202] * len(blockers)
     assert [wait_for(a, job_id)["status"] for job_id in queued] == ["succeeded"] * 3
-    assert {wait_for(a, job_id)["status"] for job_id in blockers} == {"canceled"}
+    # a blocker that finished before its cancel (a slow restart on a loaded machine) answers 409 and has succeeded
+    ends = [(code, wait_for(a, job_id)["status"]) for code, job_id in zip(cancelled, blockers)]
+    assert set(ends) <= {(202, "canceled"), (409, "succeeded")}, ends
 
 
 def ancestors(pid: int) -> list[int]:
