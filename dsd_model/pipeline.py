@@ -17,6 +17,7 @@ forward.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import threading
@@ -37,6 +38,8 @@ from . import limits
 from .adapters import AdapterRegistry
 from .errors import InputError
 from .images import condition_canvas, decode_image, to_pil
+
+logger = logging.getLogger(__name__)
 
 VAE_SCALE_FACTOR = 8
 """Pixels per latent side in the FLUX VAE; with 2x2 packing one image token covers 16x16 pixels."""
@@ -540,6 +543,10 @@ class DSDPipeline(DiffusionPipeline):
         )
         if output_type not in ("pil", "pt", "np"):
             raise InputError("output_type", f"{output_type!r} is not one of 'pil', 'pt', 'np'")
+        prompts = {(name, getattr(r, name)) for r in requests for name in ("prompt", "negative_prompt")}
+        for field, text in sorted(prompts):
+            for notice in self.check_prompt(text, field) if text else []:
+                logger.warning(notice)
         self.set_adapter(adapter)
 
         # 2-4. Encode prompts and the reference canvases, draw noise, compute each schedule

@@ -299,6 +299,15 @@ def test_prompt_over_the_clip_window_is_reported(tiny_pipe):
     ]
 
 
+def test_the_plain_call_checks_the_windows_too(tiny_pipe, caplog):
+    with pytest.raises(InputError, match="is 602 T5 tokens long") as info:
+        tiny_pipe(random_image(), "a" * 600, num_inference_steps=1, size=64, seed=0)
+    assert info.value.field == "prompt"
+    with caplog.at_level("WARNING", logger="dsd_model.pipeline"):
+        tiny_pipe(random_image(), "a toy", negative_prompt="b" * 100, num_inference_steps=1, size=64, seed=0)
+    assert "negative_prompt: 102 CLIP tokens, only the first 77 reach the pooled CLIP embedding" in caplog.messages
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         decode_image(tmp_path / "nope.png", "--image")
