@@ -7,6 +7,7 @@ Pixels are converted one by one (the result does not depend on where the centre 
   (white by default): ``out = round((colour * alpha + background * (255 - alpha)) / 255)``.
 - 16-bit grey (I;16 variants) and 32-bit integer (I) pixels: ``round(v * 255 / 65535)``, values clipped to
   [0, 65535]. Float pixels (F): read as [0, 1], ``round(v * 255)``, clipped.
+- 16-bit colour PNGs (RGB, RGBA, grey with alpha): ``v >> 8``, the high byte Pillow's decoder keeps.
 - CMYK: through the embedded ICC profile to sRGB when there is one (littleCMS, perceptual intent), else Pillow's
   profile-less conversion.
 - Several frames (MPO from phone cameras, animated GIF, WebP and APNG): the first frame.
@@ -40,6 +41,8 @@ RGB_MODES = ("RGB", "L", "1", "P")
 """Modes that convert to 8-bit RGB unchanged."""
 ALPHA_MODES = ("RGBA", "LA", "PA")
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT_PNG_COLOURS = {"RGB;16B": "RGB", "RGBA;16B": "RGBA", "LA;16B": "grey with alpha"}
+"""The raw modes of 16-bit colour PNGs, which Pillow decodes to 8 bits per channel, by the colour they hold."""
 WHITE = (255, 255, 255)
 ENCODE_OPTIONS = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": 95, "subsampling": 0},
                   "webp": {"format": "WEBP", "quality": 95}}
@@ -85,6 +88,9 @@ def read_reference(
     if frames > 1:
         _convert(notices, field, strict, f"{image.format or 'image'} with {frames} frames",
                  f"first of {frames} frames used ({image.format})")
+    colour = _sixteen_bit_png_colour(image)
+    if colour is not None:
+        _convert(notices, field, strict, f"16-bit {colour} pixels (PNG)", f"16-bit {colour} scaled to 8 bits")
     if size is not None and image.format in DRAFT_FORMATS:
         image.draft(image.mode, (size, size))
     try:
@@ -119,6 +125,13 @@ def _open(data: bytes | str | Path, field: str) -> Image.Image:
     if image.format not in ALLOWED_FORMATS:
         raise InputError(field, f"format {image.format} is not accepted; accepted formats: {', '.join(ALLOWED_FORMATS)}")
     return image
+
+
+def _sixteen_bit_png_colour(image: Image.Image) -> str | None:
+    """The colour of a 16-bit colour PNG not yet decoded (its raw mode is in the tile), else None."""
+    if image.format != "PNG" or not image.tile:
+        return None
+    return SIXTEEN_BIT_PNG_COLOURS.get(image.tile[0].args)
 
 
 def check_dimensions(size: tuple[int, int], field: str = "image") -> None:

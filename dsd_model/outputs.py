@@ -14,7 +14,7 @@ from PIL import Image
 
 from . import metrics
 from .images import encode_image
-from .provenance import Claim, ContentCredentials, Watermark
+from .provenance import MIN_WATERMARK_SIDE, Claim, ContentCredentials, Watermark
 from .safety import SafetyChecks
 from .settings import Settings
 
@@ -36,6 +36,13 @@ class OutputStage:
         self.watermark = Watermark(settings.watermark_service_id) if settings.watermark else None
         self.credentials = ContentCredentials(settings)
         self.model_name = model_name(settings)
+
+    def notices(self, size: int) -> list[str]:
+        """What a response with outputs of `size` px a side says about them: once, that they are too small to carry
+        the watermark. Nothing when the operator turned the watermark off (`DSD_WATERMARK`)."""
+        if self.watermark is None or size >= MIN_WATERMARK_SIDE:
+            return []
+        return [f"size: {size} px output is below the watermark's {MIN_WATERMARK_SIDE} px minimum; it is not marked"]
 
     def finish(self, image: Image.Image, output_format: str, claim: Claim) -> bytes:
         """The encoded, marked and signed image; raises `ContentPolicyError` when the output check withholds it."""

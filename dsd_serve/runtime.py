@@ -67,8 +67,8 @@ class Submission:
     finish: Callable[[Image.Image], bytes]
     """Checks, marks, encodes and signs one output image (`OutputStage.finish` bound to this request)."""
     notices: list[str] = field(default_factory=list)
-    """What was done to the inputs (`dsd_model.images`, `DSDPipeline.check_prompt`, prompt enhancement), for the
-    response."""
+    """What was done to the inputs (`dsd_model.images`, `DSDPipeline.check_prompt`, prompt enhancement) and what the
+    outputs lack (`OutputStage.notices`), for the response."""
     enhanced_prompt: str | None = None
     """The prompt the jobs generate from when enhancement replaced `params.prompt`."""
 
@@ -247,4 +247,5 @@ class Runtime:
                       prompt=prompt)
         finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim)
         return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived, finish=finish,
-                          notices=reference.notices + prompt_notices + enhance_notices, enhanced_prompt=enhanced_prompt)
+                          notices=reference.notices + prompt_notices + enhance_notices + self.outputs.notices(size),
+                          enhanced_prompt=enhanced_prompt)

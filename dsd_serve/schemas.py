@@ -100,7 +100,8 @@ class GenerateResponse(BaseModel):
     notice: str | None = None
     notices: list[str] = Field(
         default_factory=list,
-        description="what was done to the inputs, one line each, e.g. `image: transparency composited on #ffffff`",
+        description="what was done to the inputs, one line each, e.g. `image: transparency composited on #ffffff`, "
+        "and, once, that outputs under 256 px a side carry no watermark",
     )
     enhanced_prompt: str | None = Field(
         None, description="the prompt the images were generated from when prompt enhancement replaced the request's "

@@ -23,6 +23,11 @@ def transparent_image(width: int = 96, height: int = 80, seed: int = 0) -> Image
     return Image.fromarray(np.dstack([np.asarray(random_image(width, height, seed)), alpha_ramp(width, height)]), "RGBA")
 
 
+def unmarked(size: int) -> str:
+    """The notice of a response whose outputs are `size` px, too small to carry the watermark."""
+    return f"size: {size} px output is below the watermark's 256 px minimum; it is not marked"
+
+
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **kwargs)

@@ -10,7 +10,7 @@ from dsd_model.errors import Draining, QueueFull
 from dsd_model.settings import Settings
 from dsd_serve.runtime import Runtime
 from dsd_serve.schemas import GenerateParams
-from helpers import png_bytes, random_image
+from helpers import png_bytes, random_image, unmarked
 
 
 def rejected(reason: str) -> float:
@@ -26,7 +26,7 @@ def test_queued_reference_is_the_canvas_and_refusals_come_before_decoding(runtim
     params = GenerateParams(prompt="a toy", size=80)
     submission = asyncio.run(runtime.submit(params, png_bytes(random_image(300, 200))))
     [job] = submission.jobs
-    assert job.request.image.size == (80, 80) and submission.notices == []
+    assert job.request.image.size == (80, 80) and submission.notices == [unmarked(80)]
 
     before = rejected("queue_full")
     with pytest.raises(QueueFull):  # undecodable bytes: an InputError had the image been decoded first

@@ -312,6 +312,14 @@ def test_monitoring_and_scaling(overlay, monkeypatch):
 
 
 @each_overlay
+def test_the_backlog_alert_counts_up_to_the_scaled_objects_maximum(overlay):
+    at_most = [int(found) for rules in objects(overlay, "PrometheusRule") for group in rules["spec"]["groups"]
+               for rule in group["rules"]
+               for found in re.findall(r"count\(dsd_queue_depth\{[^}]*\}\) >= (\d+)", rule["expr"])]
+    assert at_most == [scaled["spec"]["maxReplicaCount"] for scaled in objects(overlay, "ScaledObject")]
+
+
+@each_overlay
 def test_tls_files_come_from_a_read_only_secret_and_the_ingress_terminates_https(overlay, monkeypatch):
     settings = settings_of(overlay, monkeypatch)
     server = container(overlay)
@@ -386,7 +394,12 @@ def test_dashboard_reads_only_the_services_metrics():
     assert {"dsd_request_duration_seconds_bucket", "dsd_queue_depth", "dsd_queue_wait_seconds_bucket",
             "dsd_step_duration_seconds_bucket", "dsd_batch_rows_sum", "dsd_cache_hits_total",
             "dsd_cache_misses_total", "dsd_cache_errors_total", "dsd_requests_rejected_total",
-            "dsd_requests_cancelled_total", "dsd_requests_timed_out_total"} <= read
+            "dsd_requests_cancelled_total", "dsd_requests_timed_out_total", "dsd_jobs_backlog",
+            "dsd_jobs_finished_total", "dsd_jobs_reclaimed_total", "dsd_job_duration_seconds_bucket",
+            "dsd_webhook_attempts_total", "dsd_webhook_abandoned_total", "dsd_webhook_latency_seconds_bucket",
+            "dsd_watermarks_total", "dsd_c2pa_manifests_total", "dsd_safety_decisions_total",
+            "dsd_output_stage_duration_seconds_bucket", "dsd_prompt_enhancements_total",
+            "dsd_step_cache_rows_total"} <= read
 
 
 def test_probe_paths_metrics_and_grpc_health_answer_on_the_real_server(tmp_path):

@@ -20,7 +20,7 @@ from dsd_serve.grpc_stubs import dsd_pb2 as pb
 from dsd_serve.grpc_stubs import dsd_pb2_grpc
 from dsd_serve.runtime import Runtime
 from dsd_serve.schemas import GenerateParams
-from helpers import png_bytes, random_image
+from helpers import png_bytes, random_image, unmarked
 from servers import RedisServer, start_service, wait_ready
 
 REFERENCE = png_bytes(random_image(96, 80, seed=1))
@@ -135,7 +135,7 @@ def test_request_for_enhancement_without_a_model_gets_a_notice():
     submission.cancel()
     assert submission.enhanced_prompt is None
     assert submission.notices == ["enhance_prompt: this server has no enhancement model configured "
-                                  "(DSD_ENHANCE_BASE_URL); the prompt was used as given"]
+                                  "(DSD_ENHANCE_BASE_URL); the prompt was used as given", unmarked(64)]
     assert submission.jobs[0].request.prompt == "a toy"
 
 
@@ -200,7 +200,7 @@ def test_rest_request_off_overrides_the_server_default(service):
     server, chat, _ = service
     calls = chat.count()
     document = post(server, prompt="a toy in the snow", enhance_prompt=False)
-    assert document["enhanced_prompt"] is None and document["notices"] == []
+    assert document["enhanced_prompt"] is None and document["notices"] == [unmarked(64)]
     assert chat.count() == calls
 
 
@@ -212,9 +212,11 @@ def test_rest_failures_and_over_window_replies_fall_back_to_the_prompt(service):
     failed = post(server, prompt="a toy in a forest")
     slow = post(server, prompt="a toy in a forest")
     too_long = post(server, prompt="a toy in a forest")
-    assert failed["notices"] == ["enhance_prompt: the enhancement model is unavailable; the prompt was used as given"]
-    assert slow["notices"] == ["enhance_prompt: no answer within 1 s; the prompt was used as given"]
-    [notice] = too_long["notices"]
+    assert failed["notices"] == ["enhance_prompt: the enhancement model is unavailable; the prompt was used as given",
+                                 unmarked(64)]
+    assert slow["notices"] == ["enhance_prompt: no answer within 1 s; the prompt was used as given", unmarked(64)]
+    notice, size_notice = too_long["notices"]
+    assert size_notice == unmarked(64)
     assert notice.startswith("enhanced_prompt: is ") and notice.endswith(
         "T5 tokens long; the limit is 512 tokens; the prompt was used as given")
     for document in (failed, slow, too_long):
@@ -242,4 +244,5 @@ def test_grpc_enhance_prompt_and_enhanced_prompt(service):
     assert direct.enhanced_prompt == "" and not any(notice.startswith("enhance") for notice in direct.notices)
     assert np.array_equal(pixels(enhanced), pixels(direct)) and np.array_equal(pixels(enhanced), pixels(default))
     assert failed.enhanced_prompt == ""
-    assert list(failed.notices) == ["enhance_prompt: the enhancement model is unavailable; the prompt was used as given"]
+    assert list(failed.notices) == ["enhance_prompt: the enhancement model is unavailable; the prompt was used as given",
+                                    unmarked(64)]

@@ -28,7 +28,7 @@ from dsd_serve.grpc_server import GrpcServer, server_credentials, status_for
 from dsd_serve.grpc_stubs import dsd_pb2 as pb
 from dsd_serve.grpc_stubs import dsd_pb2_grpc
 from dsd_serve.runtime import Runtime
-from helpers import png_bytes, random_image, transparent_image
+from helpers import png_bytes, random_image, transparent_image, unmarked
 from servers import ROOT, Server, start_service, wait_ready
 
 KEY = "test-key-0123456789"
@@ -186,8 +186,9 @@ def test_conversions_are_reported_in_notices(main):
     assert list(response.notices) == [
         "image: transparency composited on #102030",
         "prompt: 102 CLIP tokens, only the first 77 reach the pooled CLIP embedding",
+        unmarked(64),
     ]
-    assert list(main.stub.Generate(request(), metadata=AUTH, timeout=120).notices) == []
+    assert list(main.stub.Generate(request(), metadata=AUTH, timeout=120).notices) == [unmarked(64)]
 
 
 def test_api_key_is_required(main):

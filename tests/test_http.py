@@ -13,7 +13,7 @@ from PIL import Image
 
 from dsd_model.loading import load_pipeline
 from dsd_model.settings import Settings
-from helpers import png_bytes, random_image, transparent_image
+from helpers import png_bytes, random_image, transparent_image, unmarked
 from servers import start_service, wait_ready
 from test_inputs import png_header
 
@@ -143,12 +143,13 @@ def test_bad_input_is_a_4xx_naming_the_field(server, overrides, status, field, m
 
 
 def test_conversions_are_reported_in_notices(server):
-    assert post(server, body()).json()["notices"] == []
+    assert post(server, body()).json()["notices"] == [unmarked(64)]
     response = post(server, body(image=b64(png_bytes(transparent_image())), background="#102030", prompt="a" * 100))
     assert response.status_code == 200, response.text
     assert response.json()["notices"] == [
         "image: transparency composited on #102030",
         "prompt: 102 CLIP tokens, only the first 77 reach the pooled CLIP embedding",
+        unmarked(64),
     ]
 
 

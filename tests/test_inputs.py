@@ -15,13 +15,30 @@ from dsd_model.pipeline import validate_request
 from helpers import alpha_ramp, png_bytes, random_image, transparent_image
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with one tiny compressed row: decoding it would be a bomb."""
+def png_file(width: int, height: int, depth: int, colour_type: int, rows: bytes) -> bytes:
+    """A PNG written chunk by chunk (Pillow cannot write 16-bit colour): `rows` are the filtered scanlines."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with one tiny compressed row: decoding it would be a bomb."""
+    return png_file(width, height, 8, 2, b"\0" * 10)
+
+
+SIXTEEN_BIT_COLOUR_TYPES = {3: 2, 4: 6, 2: 4}
+"""PNG colour type by channel count: RGB, RGBA, grey with alpha."""
+
+
+def sixteen_bit_png(values: np.ndarray) -> bytes:
+    """A 16-bit PNG of `values` (height x width x channels, uint16), every row unfiltered."""
+    height, width, channels = values.shape
+    rows = np.zeros((height, 1 + width * channels * 2), dtype=np.uint8)
+    rows[:, 1:] = values.astype(">u2").view(np.uint8).reshape(height, -1)
+    return png_file(width, height, 16, SIXTEEN_BIT_COLOUR_TYPES[channels], rows.tobytes())
 
 
 def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -129,6 +146,22 @@ def test_sixteen_bit_grey_scaled_to_eight_bits():
     assert np.array_equal(pixels(reference.image), np.dstack([expected] * 3))
 
 
+def test_sixteen_bit_colour_pngs_keep_the_high_byte():
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 65536, (30, 40, 3), dtype=np.uint16)
+    reference = read_reference(sixteen_bit_png(values))
+    assert reference.notices == ["image: 16-bit RGB scaled to 8 bits"]
+    assert np.array_equal(pixels(reference.image), values >> 8)
+
+    opaque = np.dstack([values, np.full((30, 40), 65535, dtype=np.uint16)])
+    reference = read_reference(sixteen_bit_png(opaque), size=16)
+    assert reference.notices == ["image: 16-bit RGBA scaled to 8 bits"] and reference.image.size == (16, 16)
+    grey = np.dstack([values[:, :, 0], np.full((30, 40), 65535, dtype=np.uint16)])
+    reference = read_reference(sixteen_bit_png(grey))
+    assert reference.notices == ["image: 16-bit grey with alpha scaled to 8 bits"]
+    assert np.array_equal(pixels(reference.image), np.dstack([values[:, :, 0] >> 8] * 3))
+
+
 def test_float_pixels_scaled_to_eight_bits():
     values = np.linspace(-0.5, 1.5, 40 * 30, dtype=np.float32).reshape(30, 40)
     reference = read_reference(Image.fromarray(values, "F"))
@@ -216,6 +249,10 @@ def convertible() -> list:
         pytest.param(png_bytes(palette, transparency=int(np.asarray(palette)[0, 0])),
                      "transparency \\(mode P, minimum alpha 0\\)", id="palette"),
         pytest.param(png_bytes(Image.new("I;16", (40, 30))), "16-bit pixels \\(mode I;16\\)", id="16-bit"),
+        pytest.param(sixteen_bit_png(np.zeros((30, 40, 3), dtype=np.uint16)), "16-bit RGB pixels \\(PNG\\)",
+                     id="16-bit-rgb"),
+        pytest.param(sixteen_bit_png(np.full((30, 40, 4), 65535, dtype=np.uint16)), "16-bit RGBA pixels \\(PNG\\)",
+                     id="16-bit-rgba"),
         pytest.param(Image.new("F", (40, 30)), "float pixels \\(mode F\\)", id="float"),
         pytest.param(cmyk_jpeg(), "CMYK pixels", id="cmyk"),
         pytest.param(cmyk_jpeg(icc_profile=cmyk_profile(0.2)), "CMYK pixels", id="cmyk-icc"),

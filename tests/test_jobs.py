@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from standardwebhooks import Webhook
 
-from helpers import png_bytes, random_image
+from helpers import png_bytes, random_image, unmarked
 from servers import RedisServer, start_service, wait_ready
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -87,6 +87,7 @@ def test_submit_poll_and_fetch_images_from_either_replica(cluster):
     assert done["progress"] == {"step": 4, "total": 4}
     assert done["created_at"] <= done["started_at"] <= done["finished_at"]
     assert done["result"]["seeds"] == [7, 8] and done["result"]["format"] == "jpeg"
+    assert done["result"]["notices"] == [unmarked(64)]
     image = httpx.get(f"{b.url}{done['result']['images'][1]}", timeout=10)
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(image.content)).size == (64, 64)
@@ -299,6 +300,7 @@ def test_grpc_jobs_share_the_queue_with_rest(cluster):
     assert final.state == pb.JOB_STATE_SUCCEEDED and final.step == final.total == 6
     assert [u.state for u in updates].count(pb.JOB_STATE_SUCCEEDED) == 1
     assert final.result.seeds == [7] and final.result.request_id == job.id
+    assert list(final.result.notices) == [unmarked(64)]
     rest = httpx.get(f"{a.url}/v1/jobs/{job.id}/images/0", timeout=10).content
     assert final.result.images[0] == rest
     assert job_stub(a).GetJob(pb.JobRef(id=job.id), timeout=10).result.images[0] == rest

@@ -26,6 +26,8 @@ from dsd_model.safety import SafetyChecks
 from dsd_model.settings import Settings
 from dsd_model.tiny import write_tiny_classifier
 from dsd_model.images import ENCODE_OPTIONS, encode_image
+from dsd_model.outputs import OutputStage
+from helpers import unmarked
 from servers import ROOT
 
 PICTURE = Image.open(ROOT / "tests" / "assets" / "reference.png").convert("RGB").resize((512, 512))
@@ -63,6 +65,13 @@ def test_watermark_round_trip_survives_the_service_jpeg():
     assert after_jpeg["present"] and after_jpeg["request_tag"] == request_tag("req-42")
     assert not mark.read(PICTURE)["present"]
     assert not Watermark("another-service").read(marked)["present"]
+
+
+def test_small_outputs_are_said_unmarked_unless_the_operator_turned_marking_off():
+    marked = OutputStage(Settings(watermark=True))
+    assert marked.notices(MIN_WATERMARK_SIDE - 16) == [unmarked(MIN_WATERMARK_SIDE - 16)]
+    assert marked.notices(MIN_WATERMARK_SIDE) == []
+    assert OutputStage(Settings(watermark=False)).notices(64) == []
 
 
 def test_watermark_minimum_size_and_resized_reads():

@@ -17,7 +17,7 @@ from dsd_model.tiny import write_tiny_classifier
 from dsd_serve.grpc_stubs import dsd_pb2 as pb
 from dsd_serve.grpc_stubs import dsd_pb2_grpc
 from dsd_model.provenance import write_development_chain
-from helpers import png_bytes, random_image
+from helpers import png_bytes, random_image, unmarked
 from servers import start_service, wait_ready
 
 REFERENCE = png_bytes(random_image(96, 80, seed=1))
@@ -74,7 +74,7 @@ def test_rest_output_is_marked_signed_and_verifiable(servers):
     response = generate(guarded, output_format="png")
     assert response.status_code == 200, response.text
     request_id = response.json()["request_id"]
-    assert request_id == "prov-rest"
+    assert request_id == "prov-rest" and response.json()["notices"] == []
     data = base64.b64decode(response.json()["images"][0])
     mark = MARK.read(Image.open(io.BytesIO(data)))
     assert mark["present"] and mark["request_tag"] == request_tag(request_id)
@@ -124,14 +124,19 @@ def test_grpc_output_is_marked_and_signed(servers):
     assert credentials["generation"]["request_id"] == response.request_id
 
 
-def test_small_outputs_are_counted_unmarked(servers):
+def test_small_outputs_are_counted_unmarked_and_said_once(servers):
     guarded, _, _ = servers
     before = guarded.metric("dsd_watermarks_total", result="too_small")
-    response = generate(guarded, size=64, output_format="webp")
+    response = generate(guarded, size=64, num_images=2, output_format="webp")
     assert response.status_code == 200, response.text
-    assert guarded.metric("dsd_watermarks_total", result="too_small") == before + 1
-    data = base64.b64decode(response.json()["images"][0])
-    assert read_credentials(data)["validation_state"] == "Valid"
+    assert response.json()["notices"] == [unmarked(64)]
+    assert guarded.metric("dsd_watermarks_total", result="too_small") == before + 2
+    for image in response.json()["images"]:
+        assert read_credentials(base64.b64decode(image))["validation_state"] == "Valid"
+    channel, stub = grpc_stub(guarded)
+    with channel:
+        small = stub.Generate(grpc_request(size=128), timeout=120)
+    assert list(small.notices) == [unmarked(128)]
 
 
 def test_reference_without_consent_is_refused(servers):
