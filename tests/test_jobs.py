@@ -370,9 +370,9 @@ def test_queued_jobs_survive_a_redis_restart(cluster):
     finally:
         cancelled = [httpx.post(f"{b.url}/v1/jobs/{job_id}/cancel", timeout=10).status_code for job_id in blockers]
     assert [wait_for(a, job_id)["status"] for job_id in queued] == ["succeeded"] * 3
-    # a blocker that finished before its cancel (a slow restart on a loaded machine) answers 409 and has succeeded
+    # on a loaded machine a blocker may finish before its cancel (409) or while it takes effect (202, succeeded)
     ends = [(code, wait_for(a, job_id)["status"]) for code, job_id in zip(cancelled, blockers)]
-    assert set(ends) <= {(202, "canceled"), (409, "succeeded")}, ends
+    assert set(ends) <= {(202, "canceled"), (202, "succeeded"), (409, "succeeded")}, ends
 
 
 def ancestors(pid: int) -> list[int]:
