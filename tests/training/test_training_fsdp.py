@@ -1,5 +1,6 @@
 """FSDP training: 2 processes (gloo on CPU, launched by torchrun) shard the frozen base, train the same adapter as 1
-process with the same global batch, and their checkpoints resume in 1 process and back."""
+process with the same global batch, and their checkpoints resume in 1 process and back. The eval split, which needs
+the whole model in the main process, is refused."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from training_helpers import max_difference, train_two_processes, write_dataset
+from training_helpers import launch_two_processes, max_difference, train_two_processes, write_dataset
 
 from dsd_model.training import TrainConfig, train
 from dsd_model.training.checkpoint import list_checkpoints
@@ -60,3 +61,10 @@ def test_a_one_process_checkpoint_resumes_sharded(runs, tmp_path):
                         {**RUN, "fsdp": True, "gradient_accumulation_steps": 1, "resume_from": "latest"})
 
     assert max_difference(runs["one"] / "adapter.safetensors", resumed_dir / "adapter.safetensors") <= TOLERANCE
+
+
+def test_fsdp_refuses_the_eval_split(runs, tmp_path):
+    settings = {**RUN, "fsdp": True, "eval_every": 2, "eval_benchmark": tmp_path / "benchmark"}
+    done = launch_two_processes(runs["dataset"], tmp_path / "eval", settings)
+    assert done.returncode != 0
+    assert "eval_every=2: the eval split runs in the main process on the whole model" in done.stderr + done.stdout

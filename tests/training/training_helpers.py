@@ -59,8 +59,8 @@ def cli_flags(settings: dict) -> list[str]:
     return flags
 
 
-def train_two_processes(dataset: Path, output_dir: Path, settings: dict) -> str:
-    """`dsd train` in 2 CPU processes (gloo), launched by torchrun as on a GPU node; returns its stdout."""
+def launch_two_processes(dataset: Path, output_dir: Path, settings: dict) -> subprocess.CompletedProcess:
+    """`dsd train` in 2 CPU processes (gloo), launched by torchrun as on a GPU node."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), "-m", "dsd_model.cli", "train", str(dataset),
@@ -68,7 +68,12 @@ def train_two_processes(dataset: Path, output_dir: Path, settings: dict) -> str:
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def train_two_processes(dataset: Path, output_dir: Path, settings: dict) -> str:
+    """A 2-process run that must succeed; returns its stdout."""
+    done = launch_two_processes(dataset, output_dir, settings)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("wrote ") == 1, "the main process reports the run, once"
     return done.stdout
