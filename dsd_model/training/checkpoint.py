@@ -1,8 +1,9 @@
 """Checkpoints for exact resume.
 
     <output_dir>/checkpoints/step-0000500/
-        trainable.safetensors   every trainable parameter, by name, in its training dtype
-        state.pt                step, optimizer, LR scheduler and (fp16) gradient-scaler state
+        trainable.safetensors   every trainable parameter, by name, whole, in its training dtype
+        state.pt                step, optimizer (keyed by parameter name), LR scheduler and (fp16) gradient-scaler
+                                state
         rng-<process>.pt        each process's global torch RNG state (LoRA dropout draws from it)
         config.json             the settings of the run that wrote it
 
@@ -11,6 +12,10 @@ need no state of their own. A run may resume with another number of processes an
 the global batch (processes x batch_size x gradient_accumulation_steps) stays the same: it then trains the same
 examples with the same draws. LoRA dropout is the exception: its global RNG streams are per process, so a process
 without a saved state of its own starts a fresh stream seeded by (seed, step, process).
+
+Parameters and optimizer state are stored whole whatever the strategy: under FSDP every process takes part in
+gathering them and the main process writes them; on resume each process keeps its shard (`sharding.py`). So a
+checkpoint resumes under another strategy too (FSDP in one process, DDP under FSDP).
 
 A checkpoint is written under a temporary name and renamed when complete, so an interrupted save never looks like a
 checkpoint.
@@ -29,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .dataset import derive_seed
 from .errors import CheckpointError
+from .sharding import full_optimizer_state, full_tensors, load_full_optimizer_state, load_full_tensors
 
 PREFIX = "step-"
 REDISTRIBUTABLE = frozenset({"gradient_accumulation_steps"})
@@ -52,19 +58,22 @@ def save_checkpoint(
     accelerator: Accelerator,
     config: TrainConfig,
     step: int,
+    model: torch.nn.Module,
     params: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler,
 ) -> Path:
+    """Every process calls this. `model` is the unwrapped model holding `params` and `optimizer`'s parameters."""
     final = checkpoints_dir(config.output_dir) / f"{PREFIX}{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
+    tensors, optimizer_state = full_tensors(params), full_optimizer_state(model, optimizer)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+        save_file(tensors, str(tmp / "trainable.safetensors"))
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler,
+            {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "scaler": scaler,
              "global_batch": global_batch(config, accelerator.num_processes)},
             tmp / "state.pt",
         )
@@ -137,11 +146,13 @@ def load_checkpoint(
     path: Path,
     config: TrainConfig,
     accelerator: Accelerator,
+    model: torch.nn.Module,
     params: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler,
 ) -> int:
-    """Restore a checkpoint into the live training objects; return its step."""
+    """Restore a checkpoint into the live (prepared, possibly sharded) training objects; return its step. Every
+    process calls this; `model` is the unwrapped model holding `params` and `optimizer`'s parameters."""
     try:
         tensors = load_file(str(path / "trainable.safetensors"))
         state = torch.load(path / "state.pt", weights_only=True)
@@ -159,10 +170,8 @@ def load_checkpoint(
             f"gradient_accumulation_steps {config.gradient_accumulation_steps}): set gradient_accumulation_steps so "
             "the product stays the same"
         )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name])
-    optimizer.load_state_dict(state["optimizer"])
+    load_full_tensors(model, tensors)
+    load_full_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])

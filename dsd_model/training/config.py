@@ -11,7 +11,7 @@ from ..limits import check_size
 
 RESUMABLE_CHANGES = frozenset(
     {"dataset", "output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "resume_from", "eval_every",
-     "eval_benchmark", "eval_steps"}
+     "eval_benchmark", "eval_steps", "fsdp"}
 )
 """Fields that may differ between a run and the run it resumes (a dataset may move; its content is not compared);
 any other difference would change the result."""
@@ -97,6 +97,11 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         True, description="Recompute block activations in the backward pass: the 12B transformer does not fit "
         "one GPU without it. Turn off for small models, where it only costs time."
+    )
+    fsdp: bool = Field(
+        False, description="With several processes, shard the frozen base over them (FSDP2, one unit per FLUX "
+        "block), so each holds 1/N of it; the adapter trained is the same as with DDP. Off by default: DDP (every "
+        "process holds the whole base) is faster when the base fits. `deploy/accelerate/fsdp.yaml` shards as well."
     )
     seed: int = Field(
         0, ge=0, lt=2**31, description="Seeds the data order, the noise, timesteps and dropout draws, and LoRA init."

@@ -2,7 +2,8 @@
 
 Trained: a peft LoRA on the target Linear layers (default: the attention projections of every block) and the
 condition columns of `x_embedder` with its bias (the official model's separate `c_embedder` has its own bias, which
-converts into this one). The noise columns stay frozen: their gradient is zeroed, and the embedder is not decayed.
+converts into this one). The noise columns stay frozen: their gradient is zeroed before each optimizer step
+(`zero_noise_columns`), and the embedder is not decayed.
 
 The exported file is the layout `dsd_model.adapters` loads: `transformer.<module>.lora_A.weight` [r, in] and
 `transformer.<module>.lora_B.weight` [out, r] with alpha/r folded into B (the file means `W + B @ A`, no alpha keys),
@@ -19,6 +20,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from ..tiny import is_attention_projection
 from .config import TrainConfig
@@ -77,15 +79,8 @@ def trainable_adapter(
     On exit the transformer is as it was: LoRA removed, embedder values restored, gradients off, eval mode.
     """
     embedder = getattr(transformer, EMBEDDER)
-    noise_columns = embedder.in_features // 2
     original = {"weight": embedder.weight.data, "bias": embedder.bias.data}  # trained as copies, put back on exit
     embedder.weight.data, embedder.bias.data = original["weight"].clone(), original["bias"].clone()
-
-    def freeze_noise_columns(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        grad[:, :noise_columns] = 0
-        return grad
-
     transformer.add_adapter(
         LoraConfig(
             r=config.rank,
@@ -97,8 +92,7 @@ def trainable_adapter(
         adapter_name=TRAINING_ADAPTER,
     )
     embedder.requires_grad_(True)
-    hook = embedder.weight.register_hook(freeze_noise_columns)
-    params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    params = trainable_parameters(transformer)
     for param in params.values():
         param.data = param.data.to(trainable_dtype)
     if config.gradient_checkpointing:
@@ -110,32 +104,51 @@ def trainable_adapter(
         transformer.eval()
         if config.gradient_checkpointing:
             transformer.disable_gradient_checkpointing()
-        hook.remove()
         transformer.unload_lora()
         embedder.requires_grad_(False)
         embedder.weight.data, embedder.bias.data = original["weight"], original["bias"]
 
 
-def adapter_state_dict(transformer: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The training LoRA with alpha/r folded into B, and the full embedder, keyed in the adapter file layout."""
+def trainable_parameters(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters that train, by name (after FSDP sharding: the sharded parameters, under the same names)."""
+    return {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+
+
+def zero_noise_columns(transformer: torch.nn.Module) -> None:
+    """Zero the gradient of the embedder's noise columns, which stay as the base has them. Sharded (FSDP splits
+    rows), each process zeroes the columns of its rows."""
+    embedder = getattr(transformer, EMBEDDER)
+    grad = embedder.weight.grad
+    if grad is not None:
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        local[:, : embedder.in_features // 2] = 0
+
+
+def adapter_state_dict(
+    transformer: torch.nn.Module, trainable: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The training LoRA with alpha/r folded into B, and the full embedder, keyed in the adapter file layout.
+    `trainable` holds the trained values whole, by parameter name (`sharding.full_tensors`)."""
     state = {}
     for name, module in transformer.named_modules():
         if isinstance(module, LoraLayer) and TRAINING_ADAPTER in module.lora_A:
-            a = module.lora_A[TRAINING_ADAPTER].weight.float()
-            b = module.lora_B[TRAINING_ADAPTER].weight.float() * module.scaling[TRAINING_ADAPTER]
+            a = trainable[f"{name}.lora_A.{TRAINING_ADAPTER}.weight"].float()
+            b = trainable[f"{name}.lora_B.{TRAINING_ADAPTER}.weight"].float() * module.scaling[TRAINING_ADAPTER]
             state[f"transformer.{name}.lora_A.weight"] = a
             state[f"transformer.{name}.lora_B.weight"] = b
-    embedder = getattr(transformer, EMBEDDER)
-    state[f"transformer.{EMBEDDER}.weight"] = embedder.weight
-    state[f"transformer.{EMBEDDER}.bias"] = embedder.bias
+    state[f"transformer.{EMBEDDER}.weight"] = trainable[f"{EMBEDDER}.weight"]
+    state[f"transformer.{EMBEDDER}.bias"] = trainable[f"{EMBEDDER}.bias"]
     return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
 
-def save_adapter(transformer: torch.nn.Module, path: Path, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
+def save_adapter(
+    transformer: torch.nn.Module, trainable: dict[str, torch.Tensor], path: Path, dtype: torch.dtype,
+    metadata: dict[str, str],
+) -> Path:
     """Write the adapter file (safetensors); `DSDPipeline.load_adapter(path, name)` loads it as it is."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(adapter_state_dict(transformer, dtype), str(tmp), metadata=metadata)
+    save_file(adapter_state_dict(transformer, trainable, dtype), str(tmp), metadata=metadata)
     tmp.chmod(0o644)  # safetensors writes 0600; the file is meant for a serving process, often another user
     tmp.replace(path)
     return path

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import is_tensorboard_available, set_seed
+from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -29,10 +29,13 @@ from .dataset import PairDataset, derive_seed, sample_indices
 from .embedding_cache import EmbeddingCache, encoder_identity, model_dir_of
 from .errors import TrainingError, TrainingOutOfMemoryError
 from .logs import LossLog, plot_loss, read_loss
-from .lora import EMBEDDER, check_base_model, save_adapter, trainable_adapter
+from .lora import EMBEDDER, check_base_model, save_adapter, trainable_adapter, trainable_parameters, zero_noise_columns
 from .objective import flow_matching_inputs, flow_matching_loss
+from .sharding import full_tensors, held_values, shard
 
 ADAPTER_FILE = "adapter.safetensors"
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""Forward/backward dtype of a sharded model per mixed precision (unsharded models get it from accelerate's autocast)."""
 
 
 @dataclass
@@ -83,35 +86,48 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         (config.output_dir / "config.json").write_text(config.model_dump_json(indent=2))
     accelerator.init_trackers("tensorboard")
+    sharded_by_launch = _check_sharding(accelerator, config)
+    shard_here = config.fsdp and accelerator.num_processes > 1 and not sharded_by_launch
 
-    # 3. Trainable parameters, optimizer, LR schedule, and the checkpoint to resume from
+    # 3. Trainable parameters (sharded under FSDP), optimizer, LR schedule, and the checkpoint to resume from
     trainable_dtype = torch.float32 if precision != "no" else base_dtype
     with trainable_adapter(pipe.transformer, config, trainable_dtype) as params:
+        if shard_here:
+            shard(pipe.transformer, COMPUTE_DTYPES.get(precision))
+            params = trainable_parameters(pipe.transformer)
+            held, total = held_values(pipe.transformer)
+            accelerator.print(f"FSDP: the main process holds {held:,} of the {total:,} model values")
         optimizer = _optimizer(params, config)
         scheduler = get_scheduler(
             config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=config.max_steps,
         )
-        start = load_checkpoint(checkpoint, config, accelerator, params, optimizer, scheduler) if checkpoint else 0
-        transformer, optimizer = accelerator.prepare(pipe.transformer, optimizer)
+        if shard_here:
+            transformer, prepared = pipe.transformer, accelerator.prepare(optimizer)
+        else:  # DDP wraps the model; an FSDP launch config shards it and swaps the optimizer's parameters
+            transformer, prepared = accelerator.prepare(pipe.transformer, optimizer)
+        params = trainable_parameters(pipe.transformer)
+        start = (load_checkpoint(checkpoint, config, accelerator, pipe.transformer, params, optimizer, scheduler)
+                 if checkpoint else 0)
         evaluate = _eval_split(config, start) if accelerator.is_main_process else None
 
         # 4. Training loop
         try:
-            _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, scheduler, start, precision,
-                  evaluate)
+            _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, prepared, scheduler, start,
+                  precision, evaluate)
         except BaseException:
             accelerator.end_training()
             raise
         finally:
             accelerator.unwrap_model(transformer, keep_fp32_wrapper=False)
 
-        # 5. Export the adapter
+        # 5. Export the adapter, gathered whole from the processes
         adapter_path = config.output_dir / ADAPTER_FILE
+        trained = full_tensors(params)
         if accelerator.is_main_process:
             metadata = {"format": "pt", "rank": str(config.rank), "steps": str(config.max_steps),
                         "size": str(config.size)}
-            save_adapter(pipe.transformer, adapter_path, base_dtype, metadata)
+            save_adapter(pipe.transformer, trained, adapter_path, base_dtype, metadata)
         accelerator.wait_for_everyone()
 
     # 6. Loss curve and eval-split scores
@@ -133,6 +149,22 @@ def _training_data(config: TrainConfig, pipe: DSDPipeline) -> PairDataset | Embe
     return EmbeddingCache(config.embedding_cache, identity, pair_ids)
 
 
+def _check_sharding(accelerator: Accelerator, config: TrainConfig) -> bool:
+    """Whether the launch config shards the model (FSDP); refuse what a sharded run cannot do."""
+    by_launch = accelerator.distributed_type == DistributedType.FSDP
+    if by_launch and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise TrainingError(
+            f"the FSDP launch config has fsdp_version {accelerator.state.fsdp_plugin.fsdp_version}; `dsd train` "
+            "gathers sharded parameters as FSDP2 holds them: set fsdp_version: 2 (deploy/accelerate/fsdp.yaml)"
+        )
+    if (by_launch or (config.fsdp and accelerator.num_processes > 1)) and config.eval_every:
+        raise TrainingError(
+            f"eval_every={config.eval_every}: the eval split runs in the main process on the whole model, which FSDP "
+            "shards over the processes; set eval_every 0 and score the exported adapter, or train without FSDP"
+        )
+    return by_launch
+
+
 def _optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     embedder = [p for n, p in params.items() if n.startswith(EMBEDDER + ".")]
     lora = [p for n, p in params.items() if not n.startswith(EMBEDDER + ".")]
@@ -150,12 +182,13 @@ def _eval_split(config: TrainConfig, start: int) -> TrainingEval | None:
     return TrainingEval(config.eval_benchmark, config.output_dir, config.size, config.eval_steps, start)
 
 
-def _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, scheduler, start, precision,
+def _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, prepared, scheduler, start, precision,
           evaluate) -> None:
     """Optimizer steps `start + 1` .. `max_steps`. Micro-batch `m` of process `r` reads stream positions
     `p = (m * processes + r) * batch_size ...` and draws its randomness from a generator seeded by (seed, p). So the
     examples and draws of an optimizer step depend on the global batch only, not on how it is split into processes
-    and accumulated micro-batches: 2 processes x 1 micro-batch train as 1 process x 2 micro-batches."""
+    and accumulated micro-batches: 2 processes x 1 micro-batch train as 1 process x 2 micro-batches.
+    `prepared` is accelerate's wrapper of `optimizer` (it skips the steps between accumulated micro-batches)."""
     log = LossLog(config.output_dir / "loss.csv", start) if accelerator.is_main_process else None
     processes, process = accelerator.num_processes, accelerator.process_index
     progress = tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_local_main_process)
@@ -173,9 +206,10 @@ def _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, sc
                     loss = flow_matching_loss(transformer, inputs)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
+                        zero_noise_columns(pipe.transformer)
                         accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
+                    prepared.step()
+                    prepared.zero_grad()
                 losses.append(loss.detach())
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -190,7 +224,7 @@ def _loop(accelerator, pipe, transformer, dataset, config, params, optimizer, sc
                 scores = evaluate(pipe, step)
                 accelerator.log({f"eval/{metric}": value for metric, value in scores.items()}, step=step)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
-                save_checkpoint(accelerator, config, step, params, optimizer, scheduler)
+                save_checkpoint(accelerator, config, step, pipe.transformer, params, optimizer, scheduler)
     except torch.OutOfMemoryError as exc:
         raise TrainingOutOfMemoryError(_memory_advice(config, precision, step + 1)) from exc
     finally:

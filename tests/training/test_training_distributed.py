@@ -3,20 +3,15 @@ as 1 process with the same global batch, and a 2-process checkpoint resumes in 1
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+from training_helpers import max_difference, train_two_processes, write_dataset
 
 from dsd_model.training import CheckpointError, TrainConfig, train
 from dsd_model.training.checkpoint import list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[2]
 RUN = dict(size=64, rank=4, batch_size=1, max_steps=4, checkpoint_every=2, learning_rate=1e-2,
            gradient_checkpointing=False)
 TOLERANCE = 1e-5
@@ -24,46 +19,11 @@ TOLERANCE = 1e-5
 an all-reduce) and 1 process x 2 accumulated micro-batches: the same examples and draws, summed in another order."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cli_flags(settings: dict) -> list[str]:
-    flags = []
-    for name, value in settings.items():
-        flag = "--" + name.replace("_", "-")
-        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    return flags
-
-
-def train_two_processes(dataset: Path, output_dir: Path) -> None:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "dsd_model.cli", "train", str(dataset),
-        "--output-dir", str(output_dir), *cli_flags(RUN),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("wrote ") == 1, "the main process reports the run, once"
-
-
-def max_difference(first: Path, second: Path) -> float:
-    a, b = load_file(str(first)), load_file(str(second))
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> tuple[Path, Path]:
-    from training_helpers import write_dataset
-
     root = tmp_path_factory.mktemp("distributed")
     dataset = write_dataset(root / "dataset")
-    train_two_processes(dataset, root / "two")
+    train_two_processes(dataset, root / "two", RUN)
     return dataset, root / "two"
 
 

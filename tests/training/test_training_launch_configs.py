@@ -10,6 +10,8 @@ import pytest
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.utils import DistributedType
 
+from dsd_model.training.sharding import BLOCKS
+
 CONFIGS = Path(__file__).resolve().parents[2] / "deploy" / "accelerate"
 
 
@@ -24,8 +26,9 @@ def test_launch_config_loads(name, kind):
 def test_fsdp_wraps_the_flux_blocks():
     config = ClusterConfig.from_yaml_file(str(CONFIGS / "fsdp.yaml"))
     blocks = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
-    assert blocks and all(isinstance(getattr(flux, block, None), type) for block in blocks)
-    assert config.fsdp_config["fsdp_use_orig_params"] is True
+    assert blocks == [cls.__name__ for cls in BLOCKS], "the blocks `dsd train --fsdp` shards"
+    assert all(getattr(flux, block) in BLOCKS for block in blocks)
+    assert config.fsdp_config["fsdp_version"] == 2, "`dsd train` gathers sharded parameters as FSDP2 holds them"
 
 
 def test_deepspeed_is_zero_stage_2():
