@@ -78,10 +78,10 @@ def error_code(response) -> str:
         return response.text[:80]
 
 
-class RestUser(FastHttpUser):
-    """`POST /generate` with a JSON body."""
+class JsonUser(FastHttpUser):
+    """What the REST and job users share: timeouts, the API key, and a JSON request body from the mix."""
 
-    weight = 3
+    abstract = True
     wait_time = between(0.2, 1.0)
     network_timeout = REQUEST_TIMEOUT_S
     connection_timeout = 10.0
@@ -91,11 +91,21 @@ class RestUser(FastHttpUser):
         key = self.environment.parsed_options.api_key
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
-    @task
-    def generate(self):
+    def request_body(self) -> tuple[dict, dict]:
+        """The drawn fields (without the reference) and the JSON body with the reference image."""
         fields = request_mix(self.rng, self.environment.parsed_options)
         image = IMAGES[fields.pop("reference")]
-        body = dict(fields, image=base64.b64encode(image).decode("ascii"))
+        return fields, dict(fields, image=base64.b64encode(image).decode("ascii"))
+
+
+class RestUser(JsonUser):
+    """`POST /generate` with a JSON body."""
+
+    weight = 3
+
+    @task
+    def generate(self):
+        fields, body = self.request_body()
         with self.client.post("/generate", json=body, headers=self.headers, name=f"/generate {fields['mode']}",
                               catch_response=True) as response:
             if response.status_code != 200:
@@ -104,26 +114,16 @@ class RestUser(FastHttpUser):
                 response.failure("wrong number of images")
 
 
-class JobUser(FastHttpUser):
+class JobUser(JsonUser):
     """`POST /v1/jobs`, then the job's Server-Sent Events, read to their end (the final status); reported as
     `job submit` (the 202), `job events` and `job done` (submission to the final status). Run it by naming it:
     `locust ... JobUser` (`loadtest/run --jobs`)."""
 
     weight = 1
-    wait_time = between(0.2, 1.0)
-    network_timeout = REQUEST_TIMEOUT_S
-    connection_timeout = 10.0
-
-    def on_start(self):
-        self.rng = random.Random()
-        key = self.environment.parsed_options.api_key
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     @task
     def job(self):
-        fields = request_mix(self.rng, self.environment.parsed_options)
-        image = IMAGES[fields.pop("reference")]
-        body = dict(fields, image=base64.b64encode(image).decode("ascii"))
+        _, body = self.request_body()
         started = time.perf_counter()
         with self.client.post("/v1/jobs", json=body, headers=self.headers, name="job submit",
                               catch_response=True) as response:
