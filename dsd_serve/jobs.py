@@ -133,18 +133,7 @@ class Jobs:
 
 async def check_input(runtime, spec: JobSpec, image: bytes, settings: Settings) -> None:
     """Refuse at submission what the run would refuse, so a client learns the field at once."""
-    from dsd_model.images import decode_image
-    from dsd_model.loading import adapter_for_mode
-
-    params = spec.params
-    if params.num_images > settings.max_images:
-        raise InputError("num_images", f"{params.num_images} exceeds the limit of {settings.max_images}")
-    if params.deadline_s is not None and params.deadline_s > settings.max_deadline_s:
-        raise InputError("deadline_s", f"{params.deadline_s} exceeds the limit of {settings.max_deadline_s} s")
-    if len(image) > settings.max_upload_bytes:
-        raise InputError("image", f"{len(image)} bytes exceeds the limit of {settings.max_upload_bytes}")
-    adapter_for_mode(runtime.pipe, params.mode)
-    await asyncio.to_thread(decode_image, image, "image")
+    await runtime.check_request(spec.params, image)
     unknown = sorted(set(spec.webhook_events) - set(webhooks.EVENTS))
     if unknown:
         raise InputError("webhook_events", f"{unknown} are not events; choose from {list(webhooks.EVENTS)}")

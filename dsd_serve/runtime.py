@@ -156,6 +156,26 @@ class Runtime:
             self.enhancer.close()
         return drained
 
+    def check_limits(self, params: GenerateParams, image: bytes) -> str | None:
+        """Refuse a request beyond the service's limits with an `InputError` naming the field; the adapter its mode
+        selects."""
+        if params.num_images > self.settings.max_images:
+            raise InputError("num_images", f"{params.num_images} exceeds the limit of {self.settings.max_images}")
+        deadline_s = params.deadline_s if params.deadline_s is not None else self.settings.default_deadline_s
+        if deadline_s > self.settings.max_deadline_s:
+            raise InputError("deadline_s", f"{deadline_s} exceeds the limit of {self.settings.max_deadline_s} s")
+        if len(image) > self.settings.max_upload_bytes:
+            raise InputError("image", f"{len(image)} bytes exceeds the limit of {self.settings.max_upload_bytes}")
+        return adapter_for_mode(self.pipe, params.mode)
+
+    async def check_request(self, params: GenerateParams, image: bytes) -> None:
+        """Everything `submit` refuses about the request itself (limits, mode, prompt windows, the reference), without
+        queuing it: what a job is checked with when it is submitted."""
+        self.check_limits(params, image)
+        await asyncio.to_thread(self.check_prompts, params)
+        size = params.size if params.size is not None else self.settings.size
+        await self.read_reference(image, size, ImageColor.getrgb(params.background))
+
     async def read_reference(self, image: bytes, size: int, background: tuple[int, int, int]) -> Reference:
         """The reference reduced to the canvas it feeds; at most `max_concurrent_decodes` run at once."""
 
@@ -202,14 +222,8 @@ class Runtime:
         `Draining` at once."""
         arrived = time.monotonic()
         request_id = request_id or uuid.uuid4().hex
-        if params.num_images > self.settings.max_images:
-            raise InputError("num_images", f"{params.num_images} exceeds the limit of {self.settings.max_images}")
+        adapter = self.check_limits(params, image)
         deadline_s = params.deadline_s if params.deadline_s is not None else self.settings.default_deadline_s
-        if deadline_s > self.settings.max_deadline_s:
-            raise InputError("deadline_s", f"{deadline_s} exceeds the limit of {self.settings.max_deadline_s} s")
-        if len(image) > self.settings.max_upload_bytes:
-            raise InputError("image", f"{len(image)} bytes exceeds the limit of {self.settings.max_upload_bytes}")
-        adapter = adapter_for_mode(self.pipe, params.mode)
         size = params.size if params.size is not None else self.settings.size
         prompt_notices = await asyncio.to_thread(self.check_prompts, params)
         self.engine.check_admission()
