@@ -37,10 +37,10 @@ import torch
 from PIL import Image
 
 from dsd_model import DSDPipeline, GenerationRequest
-from dsd_model.acceleration import (
+from dsd_model.serving.acceleration import (
     Denoiser, RowBuckets, compile_blocks, quantize_fp8, save_compile_cache, use_compile_cache, warm_up,
 )
-from dsd_model.step_cache import EVALUATIONS_KEY, StepCache, blocks_per_row
+from dsd_model.serving.step_cache import EVALUATIONS_KEY, StepCache, blocks_per_row
 from dsd_model.tiny import (
     FLUX_SCHEDULER_CONFIG, build_real_size_transformer, build_real_size_vae, build_real_width_text_encoders,
     build_tiny_tokenizers, tiny_lora_state_dict,

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from dsd_model.images import condition_canvas
-from dsd_model.latent_cache import LatentCache, decode_parameters
+from dsd_model.serving.latent_cache import LatentCache, decode_parameters
 from dsd_model.tiny import build_real_size_vae
 
 

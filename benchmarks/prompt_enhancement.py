@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from data.conftest import ChatServer  # noqa: E402
 
-from dsd_model.enhance import PromptEnhancer  # noqa: E402
+from dsd_model.serving.enhance import PromptEnhancer  # noqa: E402
 from dsd_serve.local import RedisServer  # noqa: E402
 from dsd_model.settings import Settings  # noqa: E402
 

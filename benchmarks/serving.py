@@ -25,8 +25,8 @@ import httpx
 from PIL import Image
 
 from dsd_model import GenerationRequest
-from dsd_model.engine import Engine, EngineConfig
 from dsd_model.loading import load_pipeline
+from dsd_model.serving.engine import Engine, EngineConfig
 from dsd_model.settings import Settings
 from dsd_serve.local import ROOT, start_service, wait_ready
 

@@ -26,7 +26,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from dsd_model import DSDPipeline, GenerationRequest
-from dsd_model.engine import Engine, EngineConfig
+from dsd_model.serving.engine import Engine, EngineConfig
 from dsd_model.tiny import build_real_size_transformer, build_real_size_vae, build_tiny_components
 
 

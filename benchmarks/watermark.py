@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dsd_model.provenance import Claim, ContentCredentials, Watermark, _bits, write_development_chain
-from dsd_model.settings import Settings
 from dsd_model.images import encode_image
+from dsd_model.serving.provenance import Claim, ContentCredentials, Watermark, _bits, write_development_chain
+from dsd_model.settings import Settings
 from latent_cache import median_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def robustness(images: dict[str, Image.Image], payloads: int) -> None:
 def costs(image: Image.Image, repeats: int) -> None:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    from dsd_model.safety import ImageCheck
+    from dsd_model.serving.safety import ImageCheck
 
     mark = Watermark("dsd-serve")
     marked = mark.embed(image, "request-0")

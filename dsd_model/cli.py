@@ -18,8 +18,8 @@ OUTPUT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp
 def _generate(args: argparse.Namespace) -> None:
     from .images import decode_image
     from .loading import TINY_NOTICE, adapter_for_mode, load_pipeline
-    from .outputs import OutputStage
-    from .provenance import Claim
+    from .serving.outputs import OutputStage
+    from .serving.provenance import Claim
     from .settings import Settings
 
     out = Path(args.out)
@@ -68,7 +68,7 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from .provenance import verify
+    from .serving.provenance import verify
     from .settings import Settings
 
     path = Path(args.image)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .acceleration import accelerate
 from .errors import InputError, WeightsError
 from .pipeline import DSDPipeline
-from .prompt_cache import PromptCache
+from .serving.acceleration import accelerate
+from .serving.prompt_cache import PromptCache
 from .settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -299,7 +299,7 @@ class DSDPipeline(DiffusionPipeline):
 
     def set_prompt_cache(self, cache) -> None:
         """Reuse prompt embeddings through `cache` (get(key) / put(key, value) with key = (prompt,
-        max_sequence_length), e.g. `dsd_model.prompt_cache.PromptCache`); None disables."""
+        max_sequence_length), e.g. `dsd_model.serving.prompt_cache.PromptCache`); None disables."""
         self._prompt_cache = cache
 
     # ------------------------------------------------------------------ condition encoding

@@ -12,7 +12,7 @@ from .grpc_stubs import dsd_pb2 as pb
 from .schemas import GenerateParams
 
 if TYPE_CHECKING:
-    from dsd_model.engine import Event
+    from dsd_model.serving.engine import Event
 
     from .runtime import GenerationResult, Runtime, Submission
 

@@ -27,8 +27,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import SecretStr, ValidationError
 
-from dsd_model import limits, metrics
+from dsd_model import limits
 from dsd_model.errors import ContentPolicyError, DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
+from dsd_model.serving import metrics
 from dsd_model.settings import Settings
 
 from . import grpc_convert as convert

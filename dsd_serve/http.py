@@ -24,8 +24,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from dsd_model import metrics, provenance
 from dsd_model.errors import ContentPolicyError, DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
+from dsd_model.serving import metrics, provenance
 from dsd_model.settings import Settings
 
 from . import jobs as job_queue

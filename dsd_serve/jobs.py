@@ -21,8 +21,8 @@ import time
 import httpx
 import redis
 
-from dsd_model import metrics
 from dsd_model.errors import DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
+from dsd_model.serving import metrics
 from dsd_model.settings import Settings
 
 from . import webhooks

@@ -20,14 +20,15 @@ from typing import AsyncIterator, Callable
 
 from PIL import Image, ImageColor
 
-from dsd_model import GenerationRequest, InputError, limits, metrics
-from dsd_model.enhance import open_enhancer
-from dsd_model.engine import Engine, EngineConfig, Event, Job, JobResult
+from dsd_model import GenerationRequest, InputError, limits
 from dsd_model.images import Reference, read_reference
-from dsd_model.latent_cache import open_latent_cache
 from dsd_model.loading import TINY_NOTICE, adapter_for_mode, load_pipeline
-from dsd_model.outputs import OutputStage
-from dsd_model.provenance import Claim
+from dsd_model.serving import metrics
+from dsd_model.serving.engine import Engine, EngineConfig, Event, Job, JobResult
+from dsd_model.serving.enhance import open_enhancer
+from dsd_model.serving.latent_cache import open_latent_cache
+from dsd_model.serving.outputs import OutputStage
+from dsd_model.serving.provenance import Claim
 from dsd_model.settings import Settings
 
 from .schemas import GenerateParams

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import httpx
 from standardwebhooks import Webhook
 
-from dsd_model import metrics
 from dsd_model.errors import InputError
+from dsd_model.serving import metrics
 from dsd_model.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dsd_model import DSDPipeline, GenerationRequest
-from dsd_model.acceleration import Denoiser, RowBuckets, compile_blocks, quantize_fp8, set_attention_backend
 from dsd_model.loading import load_pipeline
+from dsd_model.serving.acceleration import Denoiser, RowBuckets, compile_blocks, quantize_fp8, set_attention_backend
+from dsd_model.serving.step_cache import EVALUATIONS_KEY, StepCache, blocks_per_row, flux_forward
 from dsd_model.settings import Settings
-from dsd_model.step_cache import EVALUATIONS_KEY, StepCache, blocks_per_row, flux_forward
 from dsd_model.tiny import build_tiny_components, tiny_lora_state_dict
 from helpers import random_image
 
@@ -105,7 +105,7 @@ def test_padding_with_the_step_cache_keeps_per_row_decisions(fresh_pipe):
 def test_missing_attention_backend_falls_back_to_sdpa_with_a_log_line(fresh_pipe, caplog):
     inputs = transformer_inputs(fresh_pipe.transformer, rows=2)
     before = fresh_pipe.transformer(**inputs, return_dict=False)[0]
-    with caplog.at_level(logging.WARNING, logger="dsd_model.acceleration"):
+    with caplog.at_level(logging.WARNING, logger="dsd_model.serving.acceleration"):
         assert set_attention_backend(fresh_pipe.transformer, "flash") == "native"
     assert "attention backend 'flash' is unavailable" in caplog.text and "native SDPA" in caplog.text
     after = fresh_pipe.transformer(**inputs, return_dict=False)[0]

@@ -14,9 +14,9 @@ from diffusers import AutoencoderKL
 from prometheus_client import REGISTRY
 
 from dsd_model import GenerationRequest, images
-from dsd_model.engine import Engine, Job
-from dsd_model.latent_cache import LatentCache, decode_parameters, encode_parameters, open_latent_cache
-from dsd_model.prompt_cache import PromptCache
+from dsd_model.serving.engine import Engine, Job
+from dsd_model.serving.latent_cache import LatentCache, decode_parameters, encode_parameters, open_latent_cache
+from dsd_model.serving.prompt_cache import PromptCache
 from dsd_model.settings import Settings
 from dsd_model.tiny import tiny_vae_config
 from helpers import png_bytes, random_image
@@ -233,7 +233,7 @@ def test_value_round_trip_and_oversized_entries(store, redis_server, fresh_pipe)
 
 def test_disabled_without_redis_url(monkeypatch, caplog, fresh_pipe):
     monkeypatch.delenv("DSD_REDIS_URL", raising=False)
-    with caplog.at_level(logging.WARNING, logger="dsd_model.latent_cache"):
+    with caplog.at_level(logging.WARNING, logger="dsd_model.serving.latent_cache"):
         assert open_latent_cache(Settings(profile="tiny"), fresh_pipe.vae) is None
     assert [r.message for r in caplog.records if "DSD_REDIS_URL is not set" in r.message]
 

@@ -27,7 +27,7 @@ from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonit
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.metrics import MetricWrapperBase
 
-from dsd_model import metrics
+from dsd_model.serving import metrics
 from dsd_model.settings import Settings
 from servers import ROOT, start_service, wait_ready
 
@@ -50,7 +50,7 @@ each_overlay = pytest.mark.parametrize("overlay", OVERLAYS, ids=[f"overlays/{nam
 
 
 def exposed_series() -> dict[str, set[str]]:
-    """Every series name of dsd_model/metrics.py as Prometheus stores it, with its label names."""
+    """Every series name of dsd_model/serving/metrics.py as Prometheus stores it, with its label names."""
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
     series = {}
     for collector in vars(metrics).values():
@@ -73,7 +73,7 @@ def check_promql(expression: str) -> set[str]:
     assert selectors, expression
     labels = set(TARGET_LABELS)
     for selector in selectors:
-        assert selector.name in SERIES, f"{selector.name} (in {expression}) is not a metric of dsd_model/metrics.py"
+        assert selector.name in SERIES, f"{selector.name} (in {expression}) is not a metric of dsd_model/serving/metrics.py"
         labels |= SERIES[selector.name]
     used = {matcher.name for selector in selectors for matcher in selector.matchers.matchers}
     used |= {label for node in nodes if isinstance(node, promql_parser.AggregateExpr) and node.modifier

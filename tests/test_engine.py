@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsd_model import GenerationRequest, InputError
-from dsd_model.engine import (
+from dsd_model.serving.engine import (
     DeadlineExceeded, Draining, Engine, EngineConfig, InternalError, QueueFull, RequestCancelled,
 )
 from dsd_model.tiny import tiny_lora_state_dict

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from dsd_model import DSDPipeline, GenerationRequest
-from dsd_model.engine import DeadlineExceeded, Engine, EngineConfig, InternalError, Job, RequestCancelled
+from dsd_model.serving.engine import DeadlineExceeded, Engine, EngineConfig, InternalError, Job, RequestCancelled
 from dsd_model.tiny import build_tiny_components
 from helpers import random_image
 from test_pipeline import BATCH_LEVELS

@@ -14,7 +14,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from data.conftest import ChatServer
-from dsd_model.enhance import KEY_PREFIX, PROMPT_VERSION, MemoryCache, PromptEnhancer, instructions
+from dsd_model.serving.enhance import KEY_PREFIX, PROMPT_VERSION, MemoryCache, PromptEnhancer, instructions
 from dsd_model.settings import Settings
 from dsd_serve.grpc_stubs import dsd_pb2 as pb
 from dsd_serve.grpc_stubs import dsd_pb2_grpc

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dsd_model import GenerationRequest
-from dsd_model.engine import Engine, EngineConfig
 from dsd_model.loading import load_pipeline
+from dsd_model.serving.engine import Engine, EngineConfig
 from dsd_model.settings import Settings
 from helpers import random_image
 

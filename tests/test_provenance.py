@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from dsd_model.cli import main
 from dsd_model.errors import ContentPolicyError
-from dsd_model.provenance import (
+from dsd_model.serving.provenance import (
     MIN_WATERMARK_SIDE,
     TRAINED_ALGORITHMIC_MEDIA,
     Claim,
@@ -22,11 +22,11 @@ from dsd_model.provenance import (
     request_tag,
     write_development_chain,
 )
-from dsd_model.safety import SafetyChecks
+from dsd_model.images import ENCODE_OPTIONS, encode_image
+from dsd_model.serving.outputs import OutputStage
+from dsd_model.serving.safety import SafetyChecks
 from dsd_model.settings import Settings
 from dsd_model.tiny import write_tiny_classifier
-from dsd_model.images import ENCODE_OPTIONS, encode_image
-from dsd_model.outputs import OutputStage
 from helpers import unmarked
 from servers import ROOT
 
@@ -115,7 +115,7 @@ def test_c2pa_prompt_only_when_enabled_and_tampering_is_detected(chain):
 
 def test_unsigned_mode_is_logged_and_measured(caplog):
     before = metric("dsd_c2pa_manifests_total", result="unsigned")
-    with caplog.at_level(logging.WARNING, logger="dsd_model.provenance"):
+    with caplog.at_level(logging.WARNING, logger="dsd_model.serving.provenance"):
         credentials = ContentCredentials(Settings())
     assert "C2PA signing is OFF" in caplog.text
     assert metric("dsd_c2pa_signing_enabled") == 0

@@ -12,11 +12,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from dsd_model.provenance import TRAINED_ALGORITHMIC_MEDIA, Watermark, read_credentials, request_tag
+from dsd_model.serving.provenance import TRAINED_ALGORITHMIC_MEDIA, Watermark, read_credentials, request_tag
 from dsd_model.tiny import write_tiny_classifier
 from dsd_serve.grpc_stubs import dsd_pb2 as pb
 from dsd_serve.grpc_stubs import dsd_pb2_grpc
-from dsd_model.provenance import write_development_chain
+from dsd_model.serving.provenance import write_development_chain
 from helpers import png_bytes, random_image, unmarked
 from servers import start_service, wait_ready
 

@@ -29,8 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..latent_cache import tensor_bytes
 from ..pipeline import DSDPipeline
+from ..serving.latent_cache import tensor_bytes
 from .dataset import PairDataset
 from .errors import DatasetError
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from PIL import Image, ImageFilter
 
+from ..errors import ContentPolicyError, WeightsError
+from ..settings import Settings
 from . import metrics
-from .errors import ContentPolicyError, WeightsError
-from .settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .pipeline import latent_image_ids
+from ..pipeline import latent_image_ids
 from .step_cache import StepCache, flux_forward
 
 logger = logging.getLogger(__name__)

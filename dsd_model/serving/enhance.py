@@ -29,10 +29,10 @@ from typing import ClassVar, Literal
 
 from PIL import Image
 
-from .data.chat import ChatClient, MalformedReply
-from .data.settings import ChatSettings, Endpoint
+from ..data.chat import ChatClient, MalformedReply
+from ..data.settings import ChatSettings, Endpoint
+from ..settings import Settings
 from .latent_cache import connect, failure_kind, without_credentials
-from .settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ from diffusers import AutoencoderKL
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import images, metrics
-from .pipeline import VAE_SCALE_FACTOR
-from .settings import Settings
+from .. import images
+from ..pipeline import VAE_SCALE_FACTOR
+from ..settings import Settings
+from . import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..limits import MAX_SIZE
+from ..settings import Settings
 from . import metrics
-from .limits import MAX_SIZE
-from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def read_credentials(data: bytes, trust_anchors: Path | None = None) -> dict:
 def verify(data: bytes, service_id: str, trust_anchors: Path | None = None) -> dict:
     """Both provenance signals of an encoded image: `watermark` (see `Watermark.read`) and `c2pa` (see
     `read_credentials`). Raises `InputError` when `data` is not a decodable image."""
-    from .images import decode_image
+    from ..images import decode_image
 
     image = decode_image(data, "image")
     return {

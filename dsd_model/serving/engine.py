@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Literal
 import torch
 from PIL import Image
 
-from . import metrics
-from .errors import (
+from ..errors import (
     DeadlineExceeded, Draining, InputError, InternalError, QueueFull, RequestCancelled,
 )
-from .pipeline import DenoiseState, DSDPipeline, GenerationRequest, validate_request
+from ..pipeline import DenoiseState, DSDPipeline, GenerationRequest, validate_request
+from . import metrics
 
 if TYPE_CHECKING:
     from .latent_cache import LatentCache

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..images import encode_image
+from ..settings import Settings
 from . import metrics
-from .images import encode_image
 from .provenance import MIN_WATERMARK_SIDE, Claim, ContentCredentials, Watermark
 from .safety import SafetyChecks
-from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
