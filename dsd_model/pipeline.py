@@ -35,7 +35,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase, T5EncoderModel
 
 from . import limits
-from .adapters import AdapterRegistry
+from .adapters import AdapterRegistry, LoadedAdapter
 from .errors import InputError
 from .images import condition_canvas, decode_image, to_pil
 
@@ -62,8 +62,8 @@ class GenerationRequest:
     full_canvas: bool = False
     adapter: str | None = None
     image_digest: str | None = None
-    """sha256 (hex) of the uploaded image bytes, set by transports; with it the engine looks the condition latents
-    up in the latent cache."""
+    """sha256 (hex) of the preprocessed reference (`image` itself, as `dsd_serve.runtime.canvas_digest` computes
+    it), set by transports; with it the engine looks the condition latents up in the latent cache."""
     exact: bool = False
     """Run this request's rows in a transformer forward of their own at every step, so its image is byte-identical
     to the request run alone whatever else shares the step (see `DSDPipeline.step`). Costs throughput: its forward
@@ -130,6 +130,8 @@ class DenoiseState:
     negative_pooled_prompt_embeds: torch.Tensor | None
     timesteps: torch.Tensor
     sigmas: torch.Tensor
+    adapter: LoadedAdapter | None = None
+    """The adapter this request's rows use (the one `request.adapter` names, or one an adapter store loaded)."""
     step_index: int = 0
     extras: dict = field(default_factory=dict)
 
@@ -145,16 +147,17 @@ class DenoiseState:
     def rows(self) -> int:
         return self.request.rows_at(self.step_index)
 
-    @property
-    def canvas_key(self) -> tuple:
-        """States with equal keys can share a transformer forward."""
-        return (self.request.size, self.request.adapter)
 
 
 @dataclass
 class DSDPipelineOutput(BaseOutput):
     images: list[Image.Image] | torch.Tensor
     seeds: list[int]
+
+
+def adapter_order(state: DenoiseState) -> tuple[str, str]:
+    adapter = state.adapter
+    return (adapter.name, adapter.digest) if adapter is not None else ("", "")
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -337,15 +340,20 @@ class DSDPipeline(DiffusionPipeline):
         self,
         requests: Sequence[GenerationRequest],
         condition_parameters: Sequence[torch.Tensor | None] | None = None,
+        adapters: Sequence[LoadedAdapter | None] | None = None,
     ) -> list[DenoiseState]:
         """Validate and set up each request. `condition_parameters[i]`, when given, replaces the VAE encoding of
         request i (a latent-cache hit); they must come from `encode_condition_distribution` of the same image.
+        `adapters[i]`, when given, is the adapter request i uses (an adapter store's); otherwise the named adapter
+        `request.adapter`.
 
         Each request draws from its own generator seeded by its seed: first the noise over the whole canvas
         (as the official code does with its generator), then the condition-latent sample.
         """
         for request in requests:
             validate_request(request)
+        if adapters is None:
+            adapters = [self.adapters.get(request.adapter) for request in requests]
         device = self._execution_device
         dtype = self.transformer.dtype
         embeddings = self._encode_prompts_cached(
@@ -382,6 +390,7 @@ class DSDPipeline(DiffusionPipeline):
                     negative_pooled_prompt_embeds=negative[1],
                     timesteps=timesteps,
                     sigmas=sigmas,
+                    adapter=adapters[i],
                 )
             )
         return states
@@ -396,17 +405,19 @@ class DSDPipeline(DiffusionPipeline):
     def step(self, states: Sequence[DenoiseState]) -> None:
         """Advance every state by one denoising step.
 
-        States may differ in prompt, seed, step count, position in their schedule, guidance and CFG scales; they must
-        share the canvas size and the active adapter (`DenoiseState.canvas_key`). A CFG state contributes three rows
-        (negative prompt without condition, negative prompt with condition, prompt with condition). The states share
-        one transformer forward, except that each `exact` request gets a forward of its own, which makes its result
-        byte-identical to the request run alone. The step is all or nothing: if a forward raises, no state moves.
+        States may differ in prompt, seed, step count, position in their schedule, guidance and CFG scales, and
+        adapter (each adapter's LoRA applies to its own rows, see `dsd_model.adapters`); they must share the canvas
+        size. A CFG state contributes three rows (negative prompt without condition, negative prompt with condition,
+        prompt with condition). The states share one transformer forward, except that each `exact` request gets a
+        forward of its own, which makes its result byte-identical to the request run alone. The step is all or
+        nothing: if a forward raises, no state moves.
         """
         if not states:
             return
-        keys = {s.canvas_key for s in states}
-        if len(keys) != 1:
-            raise ValueError(f"states of different canvas sizes or adapters cannot share a forward: {sorted(keys)}")
+        sizes = {s.request.size for s in states}
+        if len(sizes) != 1:
+            raise ValueError(f"states of different canvas sizes cannot share a forward: {sorted(sizes)}")
+        states = sorted(states, key=adapter_order)  # the rows of one adapter are one segment
         shared = [s for s in states if not s.request.exact]
         groups = ([shared] if shared else []) + [[s] for s in states if s.request.exact]
         updated = [(state, latents) for group in groups for state, latents in zip(group, self._updated_latents(group))]
@@ -436,16 +447,17 @@ class DSDPipeline(DiffusionPipeline):
         size = states[0].request.size
         height, width = 2 * (size // 16), 2 * (2 * size // 16)
         dtype = self.transformer.dtype
-        prediction = self._forward(
-            torch.cat(hidden).to(dtype),
-            torch.cat(timestep) / 1000,
-            torch.cat(guidance) if self.transformer.config.guidance_embeds else None,
-            torch.cat(pooled).to(dtype),
-            torch.cat(text).to(dtype),
-            latent_image_ids(height, width, self._execution_device, dtype),
-            torch.zeros(text[0].shape[1], 3, device=self._execution_device, dtype=dtype),
-            states,
-        )
+        with self.adapters.rows([state.adapter for state in states for _ in range(state.rows)]):
+            prediction = self._forward(
+                torch.cat(hidden).to(dtype),
+                torch.cat(timestep) / 1000,
+                torch.cat(guidance) if self.transformer.config.guidance_embeds else None,
+                torch.cat(pooled).to(dtype),
+                torch.cat(text).to(dtype),
+                latent_image_ids(height, width, self._execution_device, dtype),
+                torch.zeros(text[0].shape[1], 3, device=self._execution_device, dtype=dtype),
+                states,
+            )
 
         updated = []
         row = 0
@@ -491,11 +503,13 @@ class DSDPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ adapters
 
     def load_adapter(self, source, name: str) -> None:
-        """Load a LoRA adapter file (official layout or ours) or state dict under `name`."""
+        """Load a LoRA adapter file (official layout or ours) or state dict under `name`; requests (and `adapter=`)
+        then name it."""
         self.adapters.load(source, name)
 
     def set_adapter(self, name: str | None) -> None:
-        """Activate adapter `name` (None: the base model) for the following forwards."""
+        """Apply adapter `name` (None: the base model) to every row of direct transformer calls; the pipeline's own
+        steps apply each request's adapter to its rows whatever is set here."""
         self.adapters.activate(name)
 
     # ------------------------------------------------------------------ the plain call
@@ -544,10 +558,10 @@ class DSDPipeline(DiffusionPipeline):
         if output_type not in ("pil", "pt", "np"):
             raise InputError("output_type", f"{output_type!r} is not one of 'pil', 'pt', 'np'")
         prompts = {(name, getattr(r, name)) for r in requests for name in ("prompt", "negative_prompt")}
-        for field, text in sorted(prompts):
-            for notice in self.check_prompt(text, field) if text else []:
+        for name, text in sorted(prompts):
+            for notice in self.check_prompt(text, name) if text else []:
                 logger.warning(notice)
-        self.set_adapter(adapter)
+        self.adapters.get(adapter)  # an unknown adapter is refused before any work
 
         # 2-4. Encode prompts and the reference canvases, draw noise, compute each schedule
         states = self.prepare(requests)

@@ -66,17 +66,19 @@ def test_named_adapters_switch_and_change_output(fresh_pipe):
     assert torch.equal(fresh_pipe(reference, "a toy", **kwargs).images, plain)
 
 
-def test_embedder_override_swaps_with_its_adapter(fresh_pipe):
+def test_embedder_override_replaces_the_embedder_while_its_adapter_is_active(fresh_pipe):
     transformer = fresh_pipe.transformer
-    base = transformer.x_embedder.weight.detach().clone()
+    base = (transformer.x_embedder.weight.detach().clone(), transformer.x_embedder.bias.detach().clone())
     state = official_lora(transformer, {"transformer_blocks.0.attn.to_q": 2})
-    state["transformer.x_embedder.weight"] = torch.randn_like(base)
-    state["transformer.x_embedder.bias"] = torch.randn_like(transformer.x_embedder.bias)
+    state["transformer.x_embedder.weight"] = torch.randn_like(base[0])
+    state["transformer.x_embedder.bias"] = torch.randn_like(base[1])
     fresh_pipe.load_adapter(state, "structure")
+    x = torch.randn(3, 5, base[0].shape[1])
     fresh_pipe.set_adapter("structure")
-    assert torch.equal(transformer.x_embedder.weight, state["transformer.x_embedder.weight"])
+    replaced = torch.nn.functional.linear(x, state["transformer.x_embedder.weight"], state["transformer.x_embedder.bias"])
+    assert torch.allclose(transformer.x_embedder(x), replaced, atol=1e-6)
     fresh_pipe.set_adapter(None)
-    assert torch.equal(transformer.x_embedder.weight, base)
+    assert torch.equal(transformer.x_embedder(x), torch.nn.functional.linear(x, *base))
 
 
 def test_fuse_gives_the_same_output(fresh_pipe):

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from ..adapters import AdapterRegistry
 from ..pipeline import latent_image_ids
 from .step_cache import StepCache, flux_forward
 
@@ -55,12 +56,15 @@ class RowBuckets:
 
 class Denoiser:
     """The transformer call of one denoising step, with rows padded to a bucket and, when `cache` is set, the
-    per-row step cache. Same signature as `DSDPipeline._forward`."""
+    per-row step cache (which keeps each row's adapter through `adapters`, the pipeline's registry). Same signature
+    as `DSDPipeline._forward`."""
 
-    def __init__(self, transformer, buckets: RowBuckets | None = None, cache: StepCache | None = None):
+    def __init__(self, transformer, buckets: RowBuckets | None = None, cache: StepCache | None = None,
+                 adapters: AdapterRegistry | None = None):
         self.transformer = transformer
         self.buckets = buckets
         self.cache = cache
+        self.adapters = adapters
 
     def __call__(self, hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states) -> torch.Tensor:
         rows = hidden.shape[0]
@@ -69,7 +73,8 @@ class Denoiser:
             hidden, timestep, pooled, text = pad(hidden), pad(timestep), pad(pooled), pad(text)
             guidance = pad(guidance) if guidance is not None else None
         prediction = flux_forward(
-            self.transformer, hidden, text, pooled, timestep, img_ids, txt_ids, guidance, self.cache, states, pad
+            self.transformer, hidden, text, pooled, timestep, img_ids, txt_ids, guidance, self.cache, states, pad,
+            self.adapters,
         )
         return prediction[:rows]
 
@@ -135,7 +140,7 @@ def quantize_fp8(transformer) -> int:
 
 def _is_block_linear(module: torch.nn.Module, name: str) -> bool:
     in_blocks = name.startswith(("transformer_blocks.", "single_transformer_blocks."))
-    return type(module) is torch.nn.Linear and in_blocks and ".lora_" not in name
+    return type(module) is torch.nn.Linear and in_blocks
 
 
 def compile_blocks(transformer, mode: str, shapes: int) -> None:
@@ -225,7 +230,7 @@ def accelerate(pipe, settings) -> None:
     fold = settings.lora_fusion == "per_adapter" or (
         settings.lora_fusion == "auto" and device.type == "cuda" and settings.quantization == "none"
     )
-    if fold and pipe.adapters.names:
+    if fold:
         pipe.adapters.fold_on_activate()
     set_attention_backend(transformer, settings.attention_backend)
     compiled = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda")
@@ -237,7 +242,7 @@ def accelerate(pipe, settings) -> None:
         adapters = 1 + len(pipe.adapters.names)
         compile_blocks(transformer, settings.compile_mode, 2 * len(buckets.sizes) * len(settings.compile_sizes) * adapters)
     if compiled or cache is not None:
-        pipe.denoiser = Denoiser(transformer, buckets, cache)
+        pipe.denoiser = Denoiser(transformer, buckets, cache, pipe.adapters)
     if compiled and settings.compile_warmup:
         seconds = warm_up(pipe, settings.compile_sizes, buckets)
         logger.info("compiled and warmed up %d row buckets x %d canvas sizes in %.1f s", len(buckets.sizes),

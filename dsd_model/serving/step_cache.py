@@ -13,12 +13,14 @@ IP-Adapter and gradient checkpointing, which serving does not use); with no cach
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from diffusers import FluxTransformer2DModel
 
+from ..adapters import AdapterRegistry
 from . import metrics
 
 CACHE_KEY = "step_cache"
@@ -88,12 +90,14 @@ def flux_forward(
     cache: StepCache | None = None,
     states: Sequence = (),
     pad: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    adapters: AdapterRegistry | None = None,
 ) -> torch.Tensor:
     """The transformer's prediction for every row, block by block.
 
     With `cache`, `states` own the first rows (`row_owners`); rows beyond them are padding, which only the first
     block sees. `pad(tensor)` pads the subset of rows that run the remaining blocks to a batch size the compiled
-    blocks were built for (see `acceleration.RowBuckets`); its padded rows are dropped again.
+    blocks were built for (see `acceleration.RowBuckets`); its padded rows are dropped again. `adapters` (the
+    pipeline's registry) keeps each computed row's adapter when only some rows run the remaining blocks.
     """
     model = transformer
     hidden = model.x_embedder(hidden_states)
@@ -121,7 +125,8 @@ def flux_forward(
         h, t, e = after_first[index], text[index], temb[index]
         if pad is not None:
             h, t, e = pad(h), pad(t), pad(e)
-        output[index] = _remaining(model, rest, h, t, e, rotary)[: len(compute)]
+        with adapters.subset(compute) if adapters is not None else nullcontext():
+            output[index] = _remaining(model, rest, h, t, e, rotary)[: len(compute)]
     for i, (extras, kind) in enumerate(owners):
         row_cache = extras.setdefault(CACHE_KEY, {})
         if reuse[i]:
