@@ -35,6 +35,14 @@ class Draining(EngineError):
         super().__init__("the engine is shutting down and admits no new requests")
 
 
+class EngineFailed(Draining):
+    """An engine thread died of an unexpected fault: the replica answers 503 until it is restarted."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        EngineError.__init__(self, f"the engine stopped after an internal fault ({reason}); this replica restarts")
+
+
 class RequestCancelled(EngineError):
     def __init__(self, request_id: str):
         super().__init__(f"request {request_id} was cancelled")

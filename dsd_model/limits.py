@@ -15,6 +15,8 @@ MIN_CFG, MAX_CFG = 0.0, 20.0
 CFG_START_STEP = 2
 """True CFG is skipped for the first two steps, as in the official inference code."""
 MAX_SEED = 2**63 - 1
+MIN_PRIORITY, MAX_PRIORITY = -10, 10
+"""A request's `priority` (higher first); each level is worth DSD_PRIORITY_STEP_S seconds of queue rank."""
 
 MAX_PROMPT_CHARS = 2000
 MIN_IMAGE_SIDE = 16

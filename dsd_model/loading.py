@@ -8,6 +8,7 @@ from pathlib import Path
 from .errors import InputError, WeightsError
 from .pipeline import DSDPipeline
 from .serving.acceleration import accelerate
+from .serving.adapter_store import scan
 from .serving.prompt_cache import PromptCache
 from .settings import Settings
 
@@ -38,7 +39,8 @@ def load_pipeline(settings: Settings | None = None) -> DSDPipeline:
     pipe.max_sequence_length = settings.max_sequence_length
     if settings.prompt_cache_size:
         pipe.set_prompt_cache(PromptCache(settings.prompt_cache_size, pinned=[("", settings.max_sequence_length)]))
-    pipe.default_adapter, pipe.mode_adapters = adapter_choice(settings, pipe.adapters.names)
+    pipe.default_adapter, pipe.mode_adapters = adapter_choice(settings, pipe.adapters.names
+                                                              + sorted(scan(settings.adapter_dirs)))
     if pipe.transformer.dtype != dtype:
         pipe.to(dtype=dtype)
     pipe.to(device)
@@ -97,14 +99,15 @@ def adapter_choice(settings: Settings, loaded: list[str]) -> tuple[str | None, d
     return default, dict(settings.mode_adapters)
 
 
-def adapter_for_mode(pipe: DSDPipeline, mode: str | None) -> str | None:
-    """The adapter serving a request: the default adapter when it names no mode, else the adapter its mode maps to.
-    None when no adapter is loaded at all: the base model then serves every mode."""
+def adapter_for_mode(pipe: DSDPipeline, mode: str | None, available: list[str] | None = None) -> str | None:
+    """The adapter serving a request: the default adapter when it names no mode, else the adapter its mode maps to,
+    among `available` (default: the pipeline's named adapters). None when there is no adapter at all: the base model
+    then serves every mode."""
     if mode is None:
         return pipe.default_adapter
     if mode not in MODES:
         raise InputError("mode", f"{mode!r} is not one of {', '.join(MODES)}")
-    names = pipe.adapters.names
+    names = pipe.adapters.names if available is None else available
     if not names:
         return None
     adapter = pipe.mode_adapters.get(mode, mode)

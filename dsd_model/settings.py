@@ -69,6 +69,16 @@ class Settings(BaseSettings):
         "under another name. JSON in DSD_MODE_ADAPTERS. A mode not listed selects the adapter of its own name, so "
         "adapters named after the modes need no mapping.",
     )
+    adapter_dirs: list[Path] = Field(
+        default_factory=list, description='Adapter store: directories of `<name>.safetensors` adapter files that '
+        'requests may name (`adapter`), e.g. ["/adapters"]. JSON in DSD_ADAPTER_DIRS. A file is loaded on first use '
+        "and a file added or replaced is served without a restart (`dsd adapters publish` writes one atomically).",
+    )
+    adapter_cache_bytes: int = Field(
+        8 * 2**30, ge=0, description="Memory for adapter store adapters loaded at once (least recently used ones are "
+        "dropped beyond it, never while in use); 8 GiB hold about 19 rank-128 FLUX attention adapters (420 MiB each "
+        "in bfloat16), beside the 24 GB model on an 80 GB GPU. Adapters of DSD_ADAPTERS are pinned and not counted.",
+    )
     fuse_adapters: bool = Field(
         False,
         description="Fold the single configured adapter into the weights for speed (only with exactly one adapter).",
@@ -92,6 +102,20 @@ class Settings(BaseSettings):
         "official settings, so clients retry elsewhere instead of waiting minutes.",
     )
     batching: Literal["step", "request"] = Field("step", description="`request` = whole-request batching (comparison).")
+    request_priorities: bool = Field(
+        True, description="Honour a request's `priority` (-10 to 10, higher first); off ranks every request by its "
+        "arrival alone, and a request that sets one is told so in `notices`.",
+    )
+    priority_step_s: float = Field(
+        1.0, ge=0, le=3600, description="Queue rank one level of `priority` is worth, in seconds: a priority-10 request "
+        "goes ahead of requests that arrived up to 10 s before it, and no request is overtaken after waiting longer "
+        "than the largest priority difference allows (20 s by default).",
+    )
+    jobs_aging_s: float = Field(
+        60.0, ge=0, le=86_400, description="Queued jobs rank this much later than they arrived: synchronous requests "
+        "(REST, gRPC) arriving within it go first, and a job that has waited this long goes ahead of every newer "
+        "request, so jobs never starve; a minute keeps interactive latency while a job waits at most a minute more.",
+    )
     prepare_ahead: int = Field(
         8, ge=1, le=256, description="Waiting requests prepared (prompt and reference encoded) off the denoising "
         "thread before they are admitted; 8 covers a full batch of one-row joiners at one step boundary, and each "

@@ -1,12 +1,13 @@
 """The serving engine on the tiny profile: step-level batching, admission, cancellation, deadlines, drain."""
 
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from dsd_model import GenerationRequest, InputError
+from dsd_model import DSDPipeline, GenerationRequest, InputError
 from dsd_model.serving.engine import (
     DeadlineExceeded, Draining, Engine, EngineConfig, InternalError, QueueFull, RequestCancelled,
 )
@@ -24,6 +25,38 @@ def wait_for(job, kind: str, timeout: float = 30.0):
                 return event
         time.sleep(0.002)
     raise AssertionError(f"{job.request_id} had no {kind!r} event within {timeout} s: {job.history}")
+
+
+class Hold:
+    """A gate for `GatedPipeline`: closed, the next step waits (and `waiting` is set) until it opens again."""
+
+    def __init__(self):
+        self._open = threading.Event()
+        self._open.set()
+        self.waiting = threading.Event()
+
+    def close(self):
+        self._open.clear()
+
+    def open(self):
+        self._open.set()
+
+    def wait_cleared(self):
+        if not self._open.is_set():
+            self.waiting.set()
+        self._open.wait()
+        self.waiting.clear()
+
+
+class GatedPipeline(DSDPipeline):
+    """The real pipeline whose steps wait while its `hold` is closed, so a test can queue requests behind a running
+    batch and release it when they are prepared (instead of guessing how long a step takes on a loaded machine)."""
+
+    hold: Hold
+
+    def step(self, states):
+        self.hold.wait_cleared()
+        super().step(states)
 
 
 def wait_until(condition, timeout: float = 10.0):
@@ -140,12 +173,12 @@ def test_deadline_cancels_and_frees_the_slot(engine):
     assert eng.submit(req(2, num_inference_steps=2)).future.result(timeout=10).seed == 2
 
 
-def test_adapters_take_turns_and_never_share_a_forward(engine):
+def test_first_come_first_served_across_adapters(engine):
     eng = engine(max_batch_rows=12)
     jobs = [eng.submit(req(i, adapter="identity" if i % 2 else "structure", num_inference_steps=2)) for i in range(6)]
     for job in jobs:
         job.future.result(timeout=30)
-    # first come, first served across kinds: each job starts no later than every job submitted after it
+    # adapters share forwards, so each job starts no later than every job submitted after it
     for earlier, later in zip(jobs, jobs[1:]):
         assert earlier.started <= later.started
 
@@ -186,17 +219,31 @@ def test_submit_validates_at_once(engine):
         eng.submit(req(1, adapter="sketch"))
 
 
-def test_whole_request_batching_waits_for_an_empty_batch(engine):
-    eng = engine(batching="request", max_batch_rows=12)
-    first = eng.submit(req(1, num_inference_steps=8))
-    wait_for(first, "step")
-    second = eng.submit(req(2, num_inference_steps=2))
-    third = eng.submit(req(3, num_inference_steps=5))
-    second.future.result(timeout=30)
-    last_step = [event for event in first.history if event.kind == "step"][-1]
-    assert last_step.step == 8 and second.started >= last_step.at  # the first batch's decode may overlap
-    assert third.state.done  # the batch's results come back together, after its longest request
-    third.future.result(timeout=30)
+def test_whole_request_batching_waits_for_an_empty_batch(fresh_pipe):
+    hold = Hold()
+    pipe = GatedPipeline(**fresh_pipe.components)
+    pipe.hold = hold
+    pipe.load_adapter(tiny_lora_state_dict(pipe.transformer, seed=1), "identity")
+    eng = Engine(pipe, EngineConfig(batching="request", max_batch_rows=12))
+    eng.start(warmup=False)
+    try:
+        hold.close()
+        first = eng.submit(req(1, num_inference_steps=8))
+        wait_until(lambda: hold.waiting.is_set())  # the first batch is at its first step
+        second = eng.submit(req(2, num_inference_steps=2))
+        third = eng.submit(req(3, num_inference_steps=5))
+        wait_until(lambda: second.state is not None and third.state is not None)
+        hold.open()
+        for job in (first, second, third):
+            job.future.result(timeout=60)
+        last_step = [event for event in first.history if event.kind == "step"][-1]
+        assert last_step.step == 8 and second.started >= last_step.at  # the first batch's decode may overlap
+        # both waited for the empty engine and formed one batch, whose results come back together, after its
+        # longest request
+        assert second.started == third.started
+        assert second.finished >= [event.at for event in third.history if event.kind == "step"][-1]
+    finally:
+        eng.drain(timeout=30)
 
 
 def test_exact_request_in_a_busy_engine_equals_it_alone(engine, adapted_pipe):

@@ -29,9 +29,9 @@ class FaultyPipeline(DSDPipeline):
         if broken:
             raise RuntimeError(f"injected {stage} fault for {broken}")
 
-    def prepare(self, requests, condition_parameters=None):
+    def prepare(self, requests, condition_parameters=None, adapters=None):
         self._raise_for("prepare", requests)
-        return super().prepare(requests, condition_parameters)
+        return super().prepare(requests, condition_parameters, adapters)
 
     def step(self, states):
         self._raise_for("step", [state.request for state in states])

@@ -1,21 +1,28 @@
 """The serving engine: one per model replica, owning the pipeline on three threads.
 
 - The denoising thread only runs forwards. At every step boundary it drops cancelled and expired requests, admits
-  prepared waiting requests that fit (same canvas size and adapter) up to a row budget, runs one `DSDPipeline.step`,
-  and hands the requests whose schedules ended to the finishing thread. Requests with different step counts, seeds,
-  guidance and CFG scales share forwards. With nothing to run it sleeps on the engine's condition (until the next
-  deadline at most); it never polls.
-- The preparing thread runs `DSDPipeline.prepare` for the first `prepare_ahead` waiting requests: latent-cache
-  lookups in Redis, VAE encode, prompt encode, noise. A request is admitted only once prepared, so none of that
-  stalls the running batch.
+  prepared waiting requests, runs one `DSDPipeline.step` for one canvas size, and hands the requests whose schedules
+  ended to the finishing thread. Requests with different step counts, seeds, guidance, CFG scales and adapters share
+  forwards (each adapter's LoRA applies to its own rows). Each canvas size is a batch of its own, and the batches
+  of different sizes are stepped in turn, one forward each, so a size never waits for another to drain. With
+  nothing to run it sleeps on the engine's condition (until the next deadline at most); it never polls.
+- The preparing thread runs `DSDPipeline.prepare` for the first `prepare_ahead` waiting requests: the request's
+  adapter (an adapter store loads it on first use), latent-cache lookups in Redis, VAE encode, prompt encode, noise.
+  A request is admitted only once prepared, so none of that stalls the running batches.
 - The finishing thread runs `DSDPipeline.finish` (VAE decode) and resolves each request's future.
+
+Order: waiting requests are ranked by arrival, shifted by class and priority. Interactive requests (REST, gRPC) rank
+as they arrive; queued jobs rank `jobs_aging_s` later, so an interactive request arriving meanwhile goes first, and a
+job that has waited that long is ahead of every newer request; a request's `priority` moves it `priority_step_s`
+seconds per level. Within one canvas size, admission follows the rank and the first request that does not fit (or is
+not prepared yet) stops it, so none is overtaken; sizes do not block each other, so a request's wait never depends
+on how many requests of another size arrive after it.
 
 One request's fate is its own: a fault while preparing, stepping or decoding one request fails that request only
 (a forward that raises is retried with each request alone), a cancelled or expired request leaves at the next step
-boundary, and a future whose waiter cancelled it cancels its request and is never an error to resolve.
-
-Adapters take turns: the running batch admits requests of its own kind only while the oldest waiting request is
-of the same kind; otherwise it drains and the next batch takes the oldest waiting request's kind.
+boundary, and a future whose waiter cancelled it cancels its request and is never an error to resolve. A fault that
+kills a thread fails every request in the engine at once and the engine refuses new ones (`EngineFailed`), so the
+replica's liveness probe fails and it is restarted, instead of holding requests that would never resolve.
 
 Transports call `submit` from any thread or event loop and await `Job.result()` or iterate `Job.events()`.
 """
@@ -23,12 +30,14 @@ Transports call `submit` from any thread or event loop and await `Job.result()` 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import math
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Literal
@@ -36,32 +45,42 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Literal
 import torch
 from PIL import Image
 
+from .. import limits
+from ..adapters import LoadedAdapter
 from ..errors import (
-    DeadlineExceeded, Draining, InputError, InternalError, QueueFull, RequestCancelled,
+    DeadlineExceeded, Draining, EngineFailed, InputError, InternalError, QueueFull, RequestCancelled,
 )
 from ..pipeline import DenoiseState, DSDPipeline, GenerationRequest, validate_request
 from . import metrics
 
 if TYPE_CHECKING:
+    from .adapter_store import AdapterStore
     from .latent_cache import LatentCache
 
 logger = logging.getLogger(__name__)
+
+PriorityClass = Literal["interactive", "batch"]
 
 
 @dataclass
 class EngineConfig:
     max_batch_rows: int = 8
-    """Transformer rows per forward; a request with true CFG counts three."""
+    """Transformer rows per forward (per canvas size); a request with true CFG counts three."""
     max_queue: int = 64
-    """Waiting requests beyond the running batch; past it `submit` raises `QueueFull` at once."""
+    """Waiting requests beyond the running batches; past it `submit` raises `QueueFull` at once."""
     batching: Literal["step", "request"] = "step"
     """`step`: admit at every step boundary, return each result when its own schedule ends. `request`: admit only
-    into an empty batch and return the batch's results together (whole-request batching, what adaptive/dynamic
+    into an empty engine and return the batch's results together (whole-request batching, what adaptive/dynamic
     batchers do; kept for comparison)."""
     prepare_ahead: int = 8
     """Waiting requests prepared before a batch slot frees for them; each holds its noise, condition latents and
     prompt embeddings meanwhile. As many as can join at one step boundary (`max_batch_rows` one-row requests)."""
     warmup_steps: int = 2
+    jobs_aging_s: float = 60.0
+    """How much later than its arrival a queued job (`priority_class="batch"`) ranks: interactive requests arriving
+    within this go first, and after it the job is ahead of every newer request, so it never starves."""
+    priority_step_s: float = 1.0
+    """Seconds of rank one level of a request's `priority` is worth."""
 
     def __post_init__(self):
         if self.max_batch_rows < 3:
@@ -72,6 +91,9 @@ class EngineConfig:
             raise ValueError(f"batching must be 'step' or 'request', got {self.batching!r}")
         if self.prepare_ahead < 1:
             raise ValueError(f"prepare_ahead must be >= 1 (a request is prepared before it runs), got {self.prepare_ahead}")
+        if self.jobs_aging_s < 0 or self.priority_step_s < 0:
+            raise ValueError(f"jobs_aging_s and priority_step_s must be >= 0, got {self.jobs_aging_s} and "
+                             f"{self.priority_step_s}")
 
 
 @dataclass
@@ -97,12 +119,18 @@ class Job:
     request_id: str
     deadline: float | None
     submitted: float
+    priority: int = 0
+    priority_class: PriorityClass = "interactive"
+    rank: tuple[float, int] = (0.0, 0)
+    """Admission order (lower first): arrival shifted by class and priority, then submission order."""
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"
     started: float | None = None
     finished: float | None = None
     state: DenoiseState | None = None
+    adapter: LoadedAdapter | None = None
+    """The adapter the preparing thread resolved (held in the adapter store until the job settles)."""
     _wake: Callable[[], None] = lambda: None
     _history: list[Event] = field(default_factory=list)
     _listeners: list[Callable[[Event], None]] = field(default_factory=list)
@@ -112,8 +140,8 @@ class Job:
         self.future.add_done_callback(lambda future: future.cancelled() and self.cancel())
 
     @property
-    def key(self) -> tuple:
-        return (self.request.size, self.request.adapter)
+    def size(self) -> int:
+        return self.request.size
 
     @property
     def rows(self) -> int:
@@ -182,32 +210,40 @@ class JobResult:
 
 class Engine:
     """Owns `pipe`; see the module docstring for its threads and the batching policy. With a `latent_cache`,
-    requests that carry an `image_digest` take their condition latents from it (on the preparing thread)."""
+    requests that carry an `image_digest` take their condition latents from it (on the preparing thread). With an
+    `adapter_store`, a request may name any adapter of the store, loaded on the preparing thread on first use."""
 
     def __init__(self, pipe: DSDPipeline, config: EngineConfig | None = None,
-                 latent_cache: LatentCache | None = None):
+                 latent_cache: LatentCache | None = None, adapter_store: AdapterStore | None = None):
         self.pipe = pipe
         self.config = config or EngineConfig()
         self.latent_cache = latent_cache
-        self._waiting: deque[Job] = deque()
+        self.adapter_store = adapter_store
+        self._waiting: list[Job] = []
+        """Sorted by `Job.rank`."""
         self._running: list[Job] = []
         self._finishing: deque[Job] = deque()
         self._lock = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._draining = False
         self._stopped = False
+        self._failed: str | None = None
         self._ready = threading.Event()
         self._request_seconds = 0.0
+        self._last_size = 0
+        """Canvas size of the last forward: the next forward is of the next larger size running (in turn)."""
+        self._order = itertools.count()
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, warmup: bool = True) -> None:
-        """Start the threads; with `warmup`, run one short generation per adapter before `ready`."""
+        """Start the threads; with `warmup`, run one short generation per named adapter before `ready`."""
         if self._threads:
             raise RuntimeError("engine already started")
         for name, loop in (("denoise", self._denoise_loop), ("prepare", self._prepare_loop),
                            ("finish", self._finish_loop)):
-            self._threads.append(threading.Thread(target=loop, name=f"dsd-engine-{name}", daemon=True))
+            self._threads.append(threading.Thread(target=self._run, args=(name, loop), name=f"dsd-engine-{name}",
+                                                  daemon=True))
         for thread in self._threads:
             thread.start()
         if warmup:
@@ -225,7 +261,12 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and not self._draining
+        return self._ready.is_set() and not self._draining and self._failed is None
+
+    @property
+    def alive(self) -> bool:
+        """False once a thread died of an unexpected fault: the process should be restarted."""
+        return self._failed is None
 
     @property
     def draining(self) -> bool:
@@ -263,22 +304,41 @@ class Engine:
 
     # ------------------------------------------------------------------ admission
 
-    def submit(self, request: GenerationRequest, deadline: float | None = None, request_id: str | None = None) -> Job:
-        """Queue `request`. `deadline` is a `time.monotonic()` instant. Raises `InputError`, `QueueFull` or
-        `Draining` at once instead of waiting."""
+    def submit(self, request: GenerationRequest, deadline: float | None = None, request_id: str | None = None,
+               priority: int = 0, priority_class: PriorityClass = "interactive") -> Job:
+        """Queue `request`. `deadline` is a `time.monotonic()` instant; `priority` (higher first, within
+        [MIN_PRIORITY, MAX_PRIORITY]) and `priority_class` rank it (see the module docstring). Raises `InputError`,
+        `QueueFull` or `Draining` at once instead of waiting."""
         validate_request(request)
-        if request.adapter is not None and request.adapter not in self.pipe.adapters.names:
-            raise InputError("adapter", f"{request.adapter!r} is not loaded; loaded: {self.pipe.adapters.names}")
-        job = Job(request=request, request_id=request_id or uuid.uuid4().hex, deadline=deadline,
-                  submitted=time.monotonic(), _wake=self._wake)
+        self.check_adapter(request.adapter)
+        if isinstance(priority, bool) or not isinstance(priority, int) or not (
+                limits.MIN_PRIORITY <= priority <= limits.MAX_PRIORITY):
+            raise InputError("priority", f"{priority!r} is not an integer in [{limits.MIN_PRIORITY}, "
+                                         f"{limits.MAX_PRIORITY}]")
+        if priority_class not in ("interactive", "batch"):
+            raise ValueError(f"priority_class must be 'interactive' or 'batch', got {priority_class!r}")
+        submitted = time.monotonic()
+        shift = (self.config.jobs_aging_s if priority_class == "batch" else 0.0) - priority * self.config.priority_step_s
+        job = Job(request=request, request_id=request_id or uuid.uuid4().hex, deadline=deadline, submitted=submitted,
+                  priority=priority, priority_class=priority_class, rank=(submitted + shift, next(self._order)),
+                  _wake=self._wake)
         with self._lock:
             self._refuse_when_full()
-            self._waiting.append(job)
-            position = len(self._waiting)
+            position = bisect.bisect(self._waiting, job.rank, key=lambda waiting: waiting.rank)
+            self._waiting.insert(position, job)
             metrics.QUEUE_DEPTH.set(len(self._waiting))
             self._lock.notify_all()
-        job.emit(Event("queued", job.request_id, position=position, total=request.num_inference_steps))
+        job.emit(Event("queued", job.request_id, position=position + 1, total=request.num_inference_steps))
         return job
+
+    def check_adapter(self, name: str | None) -> None:
+        """Raise an `InputError` listing the adapters there are unless `name` (None: the base model) is one."""
+        if name is None:
+            return
+        if self.adapter_store is not None:
+            self.adapter_store.check(name)
+        elif name not in self.pipe.adapters.names:
+            raise InputError("adapter", f"{name!r} is not loaded; loaded: {self.pipe.adapters.names}")
 
     def _wake(self) -> None:
         with self._lock:
@@ -292,6 +352,9 @@ class Engine:
 
     def _refuse_when_full(self) -> None:
         """Count and raise a rejection when no request is admitted (caller holds the lock)."""
+        if self._failed is not None:
+            metrics.REQUESTS_REJECTED.labels(reason="engine_failed").inc()
+            raise EngineFailed(self._failed)
         if self._draining or self._stopped:
             metrics.REQUESTS_REJECTED.labels(reason="draining").inc()
             raise Draining()
@@ -316,11 +379,36 @@ class Engine:
 
     # ------------------------------------------------------------------ the threads
 
+    def _run(self, name: str, loop: Callable[[], None]) -> None:
+        """Run one thread's loop; an exception that escapes it fails the engine (`_fail`)."""
+        try:
+            loop()
+        except BaseException as exc:
+            logger.critical("engine thread %r died; failing every request and refusing new ones", name, exc_info=exc)
+            self._fail(name, exc)
+
+    def _fail(self, thread: str, exc: BaseException) -> None:
+        """Fail every request in the engine, refuse new ones, stop the other threads; `alive` turns False."""
+        metrics.ENGINE_FAILURES.labels(thread=thread).inc()
+        with self._lock:
+            self._failed = f"{thread} thread: {type(exc).__name__}"
+            jobs = self._waiting + self._running + list(self._finishing)
+            self._waiting.clear()
+            self._running.clear()
+            self._finishing.clear()
+            self._stopped = True
+            metrics.QUEUE_DEPTH.set(0)
+            self._lock.notify_all()
+        for job in jobs:
+            self._settle(job, error=InternalError(job.request_id))
+
     def _wait_for(self, take: Callable[[], object], timeout: Callable[[], float | None] = lambda: None):
         """Sleep on the condition until `take()` (called with the lock held) returns work; None once stopped and
         idle."""
         with self._lock:
             while True:
+                if self._failed is not None:
+                    return None
                 work = take()
                 if work:
                     return work
@@ -343,17 +431,29 @@ class Engine:
     # ------------------------------------------------------------------ denoising (the denoising thread)
 
     def _next_batch(self) -> list[Job]:
-        """Drop cancelled and expired jobs, admit, and return the jobs to step (caller holds the lock)."""
+        """Drop cancelled and expired jobs, admit, and return the jobs of the next canvas size to step (caller holds
+        the lock)."""
         self._drop_finished_early()
         self._admit()
-        return [job for job in self._running if not job.state.done]
+        if self.config.batching == "request" and self._running and all(job.state.done for job in self._running):
+            # a whole-request batch whose last unfinished request was cancelled or expired returns the rest now
+            self._finishing.extend(self._running)
+            self._running.clear()
+            self._lock.notify_all()
+        sizes = sorted({job.size for job in self._running if not job.state.done})
+        metrics.SIZE_GROUPS.set(len(sizes))
+        if not sizes:
+            return []
+        size = next((s for s in sizes if s > self._last_size), sizes[0])
+        self._last_size = size
+        return [job for job in self._running if job.size == size and not job.state.done]
 
     def _until_next_deadline(self) -> float | None:
         deadlines = [job.deadline for job in self._waiting if job.deadline is not None]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _drop_finished_early(self) -> None:
-        """Remove cancelled and expired jobs from the queue and the batch (caller holds the lock)."""
+        """Remove cancelled and expired jobs from the queue and the batches (caller holds the lock)."""
         now = time.monotonic()
         for container in (self._waiting, self._running):
             for job in list(container):
@@ -369,31 +469,36 @@ class Engine:
         metrics.QUEUE_DEPTH.set(len(self._waiting))
 
     def _admit(self) -> None:
-        """Move prepared waiting jobs into the batch, first come first served, while they share the batch's canvas
-        size and adapter and fit the row budget; the first job that does not (or is not prepared yet) stops
-        admission, so none is overtaken (caller holds the lock)."""
+        """Move prepared waiting jobs into the batch of their canvas size, in rank order, while they fit its row
+        budget. In each size the first job that does not fit (or is not prepared yet) stops admission of that size,
+        so none is overtaken by a job of its own size; other sizes go on (caller holds the lock). Whole-request
+        batching admits only into an empty engine, the sizes of the first waiting job only."""
         if not self._waiting or (self.config.batching == "request" and self._running):
             return
-        key = self._running[0].key if self._running else self._waiting[0].key
-        rows = sum(job.rows for job in self._running)
+        rows = Counter()
+        for job in self._running:
+            rows[job.size] += job.rows
+        blocked = set()
+        if self.config.batching == "request":
+            blocked = {job.size for job in self._waiting} - {self._waiting[0].size}
         now = time.monotonic()
-        while self._waiting:
-            job = self._waiting[0]
-            if job.state is None or job.key != key or rows + job.rows > self.config.max_batch_rows:
-                break
-            self._waiting.popleft()
-            rows += job.rows
+        for job in list(self._waiting):
+            if job.size in blocked:
+                continue
+            if job.state is None or rows[job.size] + job.rows > self.config.max_batch_rows:
+                blocked.add(job.size)
+                continue
+            self._waiting.remove(job)
+            rows[job.size] += job.rows
             self._running.append(job)
             job.started = now
-            metrics.QUEUE_WAIT.observe(now - job.submitted)
+            metrics.QUEUE_WAIT.labels(priority_class=job.priority_class).observe(now - job.submitted)
             job.emit(Event("started", job.request_id, total=job.request.num_inference_steps))
         metrics.QUEUE_DEPTH.set(len(self._waiting))
 
     def _step(self, batch: list[Job]) -> None:
-        """One step of `batch`; if the forward raises, each job is stepped alone so that only a job whose own
-        forward fails is failed."""
-        self.pipe.set_adapter(batch[0].request.adapter)
-        rows = sum(job.state.rows for job in batch)
+        """One step of `batch` (one canvas size); if the forward raises, each job is stepped alone so that only a job
+        whose own forward fails is failed."""
         started = time.monotonic()
         try:
             self.pipe.step([job.state for job in batch])
@@ -404,7 +509,7 @@ class Engine:
             stepped = [job for job in batch if self._step_alone(job)] if len(batch) > 1 else []
         else:
             metrics.STEP_DURATION.observe(time.monotonic() - started)
-            metrics.BATCH_ROWS.observe(rows)
+            self._count_forward(batch)
         for job in stepped:
             job.emit(Event("step", job.request_id, step=job.state.step_index, total=job.state.num_steps))
         failed = [job for job in batch if job not in stepped]
@@ -420,6 +525,17 @@ class Engine:
             self._lock.notify_all()
         for job in failed:
             self._settle(job, error=InternalError(job.request_id))
+
+    def _count_forward(self, batch: list[Job]) -> None:
+        rows = Counter()
+        for job in batch:
+            rows[job.adapter.name if job.adapter is not None else "none"] += job.state.request.rows_at(
+                job.state.step_index - 1)
+        size = str(batch[0].size)
+        for adapter, count in rows.items():
+            metrics.FORWARD_ROWS.labels(adapter=adapter, size=size).inc(count)
+        metrics.BATCH_ROWS.observe(sum(rows.values()))
+        metrics.FORWARDS.labels(kind="mixed" if len({job.adapter for job in batch}) > 1 else "single").inc()
 
     def _step_alone(self, job: Job) -> bool:
         try:
@@ -444,7 +560,8 @@ class Engine:
 
     def _prepare(self, job: Job) -> None:
         try:
-            state = self.pipe.prepare([job.request], [self._condition_parameters(job.request)])[0]
+            job.adapter = self._acquire_adapter(job.request.adapter)
+            state = self.pipe.prepare([job.request], [self._condition_parameters(job.request)], [job.adapter])[0]
         except Exception as exc:  # a fault while preparing fails this request, never the engine
             if not isinstance(exc, InputError):
                 logger.exception("preparing %s failed", job.request_id)
@@ -457,6 +574,11 @@ class Engine:
         with self._lock:
             job.state = state
             self._lock.notify_all()
+
+    def _acquire_adapter(self, name: str | None) -> LoadedAdapter | None:
+        if self.adapter_store is not None:
+            return self.adapter_store.acquire(name)
+        return self.pipe.adapters.get(name)
 
     def _condition_parameters(self, request: GenerationRequest) -> torch.Tensor | None:
         """Condition-latent distribution through the latent cache: a hit skips the VAE, a miss is encoded and
@@ -493,10 +615,13 @@ class Engine:
     # ------------------------------------------------------------------ outcomes
 
     def _settle(self, job: Job, result: JobResult | None = None, error: Exception | None = None) -> None:
-        """Resolve the job's future, emit its last event, and wake the threads and `drain` (the job has left the
-        engine). A future its waiter already cancelled stays cancelled: nobody waits for the outcome, which is not
-        an error."""
+        """Resolve the job's future, emit its last event, release its adapter, and wake the threads and `drain` (the
+        job has left the engine). A future its waiter already cancelled stays cancelled: nobody waits for the
+        outcome, which is not an error."""
         job.finished = time.monotonic()
+        if self.adapter_store is not None and job.adapter is not None:
+            self.adapter_store.release(job.adapter)
+            job.adapter = None
         try:
             if error is None:
                 job.future.set_result(result)

@@ -15,7 +15,10 @@ CACHE_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 REQUEST_DURATION = Histogram(
     "dsd_request_duration_seconds", "End-to-end request latency.", ["transport", "mode", "outcome"], buckets=SECONDS
 )
-QUEUE_WAIT = Histogram("dsd_queue_wait_seconds", "Time from admission to the first denoising step.", buckets=SECONDS)
+QUEUE_WAIT = Histogram(
+    "dsd_queue_wait_seconds", "Time from admission to the first denoising step, by priority class (`interactive`: "
+    "REST and gRPC; `batch`: queued jobs).", ["priority_class"], buckets=SECONDS,
+)
 STEP_DURATION = Histogram(
     "dsd_step_duration_seconds", "Time of one batched denoising step (one transformer forward).", buckets=STEP_SECONDS
 )
@@ -92,3 +95,35 @@ WEBHOOK_ATTEMPTS = Counter(
 WEBHOOK_ABANDONED = Counter("dsd_webhook_abandoned_total", "Webhook events given up after DSD_WEBHOOK_RETRY_FOR_S.")
 WEBHOOK_LATENCY = Histogram("dsd_webhook_latency_seconds", "From a job's end to the receiver's 2xx answer.",
                             buckets=SECONDS)
+FORWARD_ROWS = Counter(
+    "dsd_forward_rows_total", "Transformer rows run in batched forwards, by adapter (`none`: the base model) and "
+    "canvas size in pixels.", ["adapter", "size"],
+)
+FORWARDS = Counter(
+    "dsd_forwards_total", "Batched denoising forwards by kind: `single` (every row of one adapter, the folded fast "
+    "path when folding is on) or `mixed` (rows of several adapters; each adapter's LoRA applied to its own rows).",
+    ["kind"],
+)
+SIZE_GROUPS = Gauge(
+    "dsd_running_sizes", "Canvas sizes being denoised at once; each is a batch of its own, stepped in turn.",
+    multiprocess_mode="livemax",
+)
+ADAPTER_LOADS = Counter(
+    "dsd_adapter_loads_total", "Adapter store loads by outcome: `loaded`, or `failed` (unreadable, malformed or for "
+    "another base; the requests naming it fail, or its earlier version keeps serving).", ["outcome"],
+)
+ADAPTER_CACHE_HITS = Counter("dsd_adapter_cache_hits_total", "Requests whose store adapter was already loaded.")
+ADAPTER_EVICTIONS = Counter(
+    "dsd_adapter_evictions_total", "Store adapters dropped to stay within DSD_ADAPTER_CACHE_BYTES.",
+)
+ADAPTER_LOAD_SECONDS = Histogram(
+    "dsd_adapter_load_seconds", "Time to read, check and load one store adapter (on the preparing thread).",
+    buckets=STEP_SECONDS,
+)
+ADAPTER_CACHE_BYTES = Gauge(
+    "dsd_adapter_cache_bytes", "Bytes of loaded store adapters (pinned ones not counted).", multiprocess_mode="livemax",
+)
+ENGINE_FAILURES = Counter(
+    "dsd_engine_failures_total", "Engine threads that died of an unexpected fault, by thread; the replica then fails "
+    "its liveness probe and is restarted.", ["thread"],
+)
