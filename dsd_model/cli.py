@@ -32,7 +32,7 @@ def _generate(args: argparse.Namespace) -> None:
     outputs = OutputStage(settings)
     outputs.safety.check_input(image, consent=args.consent, request_id=request_id)
     pipe = load_pipeline(settings)
-    adapter = adapter_for_mode(pipe, args.mode)
+    adapter = _named_adapter(pipe, settings, args.adapter) if args.adapter else adapter_for_mode(pipe, args.mode)
     pipe.set_progress_bar_config(disable=False, desc="denoising")
     result = pipe(
         image,
@@ -51,10 +51,24 @@ def _generate(args: argparse.Namespace) -> None:
     data = outputs.finish(result.images[0], output_format, claim)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
-    print(f"wrote {out} (seed {result.seeds[0]}, profile {pipe.profile}, mode {args.mode or 'default'}, "
+    print(f"wrote {out} (seed {result.seeds[0]}, profile {pipe.profile}, adapter {adapter or 'none'}, "
           f"request id {request_id})")
     if pipe.profile == "tiny":
         print(TINY_NOTICE)
+
+
+def _named_adapter(pipe, settings, name: str) -> str:
+    """`name` among the pipeline's adapters or, loaded now, the adapter store's (DSD_ADAPTER_DIRS)."""
+    from .serving.adapter_store import scan
+
+    if name not in pipe.adapters.names:
+        file = scan(settings.adapter_dirs).get(name)
+        if file is None:
+            available = sorted(set(pipe.adapters.names) | set(scan(settings.adapter_dirs)))
+            raise InputError("--adapter", f"{name!r} is not an adapter of DSD_ADAPTERS or DSD_ADAPTER_DIRS; adapters: "
+                                          f"{', '.join(available) or 'none'}")
+        pipe.load_adapter(file.path, name)
+    return name
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -80,6 +94,22 @@ def _verify(args: argparse.Namespace) -> None:
     print(json.dumps(verify(path.read_bytes(), service_id, trust_anchors), indent=2))
 
 
+def _publish(args: argparse.Namespace) -> None:
+    from .serving.adapter_store import publish
+
+    target = publish(Path(args.run), args.name, Path(args.store), replace=args.replace)
+    print(f"published {target}")
+
+
+def _list_adapters(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from .serving.adapter_store import describe, scan
+
+    files = scan([Path(store) for store in args.stores])
+    print(json.dumps([asdict(describe(file)) for _, file in sorted(files.items())], indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--out", required=True, help="output image path (.png, .jpg or .webp; marked and, when a key "
                      "is configured, signed like the service's outputs)")
-    gen.add_argument("--mode", help="identity | structure (selects the adapter); the default adapter when absent")
+    modes = gen.add_mutually_exclusive_group()
+    modes.add_argument("--mode", help="identity | structure (selects the adapter); the default adapter when absent")
+    modes.add_argument("--adapter", help="an adapter by name: of DSD_ADAPTERS or a file of DSD_ADAPTER_DIRS")
     gen.add_argument("--steps", type=int, default=28, help=f"denoising steps [{limits.MIN_STEPS}, {limits.MAX_STEPS}]")
     gen.add_argument("--seed", type=int, default=None, help="random when absent; always printed")
     gen.add_argument("--guidance", type=float, default=3.5, help="distilled guidance (official: 3.5)")
@@ -115,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--trust-anchors", default=None,
                      help="PEM root certificates to validate the C2PA signer against (default: DSD_C2PA_TRUST_ANCHORS)")
     ver.set_defaults(handler=_verify)
+
+    adapters = sub.add_parser("adapters", help="adapter stores: publish a trained adapter, list what a store holds")
+    adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True)
+    pub = adapter_commands.add_parser("publish", help="copy a trained adapter into a store, atomically, with its "
+                                      "base transformer digest, training config hash and eval summary")
+    pub.add_argument("run", help="a `dsd train` output directory, or an adapter .safetensors file")
+    pub.add_argument("name", help="the name requests will use (A-Z a-z 0-9 _ -, at most 64)")
+    pub.add_argument("store", help="an adapter store directory (one of the service's DSD_ADAPTER_DIRS)")
+    pub.add_argument("--replace", action="store_true", help="replace an adapter of that name (served from its next "
+                     "request on, without a restart)")
+    pub.set_defaults(handler=_publish)
+    listing = adapter_commands.add_parser("list", help="the adapters of store directories, with rank, size, base "
+                                          "digest and metadata (JSON)")
+    listing.add_argument("stores", nargs="+", help="adapter store directories")
+    listing.set_defaults(handler=_list_adapters)
 
     from .data.cli import add_data_commands
 

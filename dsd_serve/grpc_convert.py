@@ -12,6 +12,7 @@ from .grpc_stubs import dsd_pb2 as pb
 from .schemas import GenerateParams
 
 if TYPE_CHECKING:
+    from dsd_model.serving.adapter_store import AdapterInfo
     from dsd_model.serving.engine import Event
 
     from .runtime import GenerationResult, Runtime, Submission
@@ -21,7 +22,7 @@ FORMATS = {pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_JPEG: "jpeg", pb.OUTPUT
 MODE_VALUES = {name: value for value, name in MODES.items()}
 FORMAT_VALUES = {name: value for value, name in FORMATS.items()}
 OPTIONAL_FIELDS = ("steps", "guidance", "image_guidance", "text_guidance", "seed", "size", "num_images", "consent",
-                   "exact", "enhance_prompt")
+                   "exact", "enhance_prompt", "priority")
 """Fields whose absence means the default; the others default when they hold proto3's zero value."""
 
 
@@ -37,14 +38,16 @@ def to_params(request: pb.GenerateRequest, time_remaining: float | None, max_dea
         fields["output_format"] = FORMATS.get(request.output_format, request.output_format)
     if request.background:
         fields["background"] = request.background
+    if request.adapter:
+        fields["adapter"] = request.adapter
     if time_remaining is not None:
         fields["deadline_s"] = min(time_remaining, max_deadline_s)
     return GenerateParams.model_validate(fields)
 
 
-JOB_CALLS = (pb.SubmitJobRequest, pb.JobRef)
-"""Request messages of the job rpcs: they queue or read jobs rather than generate, so their latency is no request
-latency."""
+NOT_GENERATING = (pb.SubmitJobRequest, pb.JobRef, pb.ListAdaptersRequest)
+"""Request messages of the rpcs that queue or read jobs or list adapters rather than generate, so their latency is no
+request latency."""
 
 
 def mode_label(request: pb.GenerateRequest) -> str:
@@ -68,6 +71,7 @@ def to_response(result: GenerationResult, submission: Submission, runtime: Runti
         notice=runtime.notice or "",
         notices=submission.notices,
         enhanced_prompt=submission.enhanced_prompt or "",
+        adapter=submission.adapter or "",
     )
 
 
@@ -106,6 +110,16 @@ def to_job(view: dict, images: list[bytes] | None = None) -> pb.Job:
             images=images, format=FORMAT_VALUES[result["format"]], seeds=result["seeds"],
             mode=MODE_VALUES.get(result["mode"], pb.MODE_UNSPECIFIED), size=result["size"], profile=result["profile"],
             request_id=view["id"], timings=pb.Timings(**result["timings"]), notice=result["notice"] or "",
-            notices=result.get("notices", []),
+            notices=result.get("notices", []), adapter=result.get("adapter") or "",
         ))
     return job
+
+
+def to_adapters(runtime: Runtime, entries: list[AdapterInfo]) -> pb.ListAdaptersResponse:
+    return pb.ListAdaptersResponse(
+        base_transformer_digest=runtime.pipe.adapters.base_digest,
+        default_adapter=runtime.pipe.default_adapter or "",
+        adapters=[pb.Adapter(name=e.name, source=e.source, loaded=e.loaded, rank=e.rank or 0, size_bytes=e.size_bytes,
+                             digest=e.digest or "", base_transformer_digest=e.base_transformer_digest or "",
+                             modes=e.modes, metadata=e.metadata) for e in entries],
+    )

@@ -169,7 +169,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             code, details, metadata, outcome = status_for(exc, request_id)
             await context.abort(code, details, trailing_metadata=trailing + metadata)
         finally:
-            if not isinstance(request, convert.JOB_CALLS):
+            if not isinstance(request, convert.NOT_GENERATING):
                 mode = convert.mode_label(request) if request is not None else "unknown"
                 labels = dict(transport="grpc", mode=mode, outcome=outcome)
                 metrics.REQUEST_DURATION.labels(**labels).observe(time.monotonic() - started)
@@ -273,6 +273,10 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
 
     async def CancelJob(self, request, context):
         return convert.to_job(await self._jobs().cancel(request.id))
+
+    async def ListAdapters(self, request, context):
+        runtime = self._ready_runtime()
+        return convert.to_adapters(runtime, await asyncio.to_thread(runtime.adapters))
 
 
 def read_pem(path: Path, setting: str) -> bytes:

@@ -30,7 +30,10 @@ from dsd_model.settings import Settings
 
 from . import jobs as job_queue
 from . import webhooks
-from .schemas import ErrorResponse, GenerateJSON, GenerateParams, GenerateResponse, JobJSON, JobParams, Timings
+from .schemas import (
+    AdapterEntry, AdapterList, ErrorResponse, GenerateJSON, GenerateParams, GenerateResponse, JobJSON, JobParams,
+    Timings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +372,7 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
             format=params.output_format,
             seeds=result.seeds,
             mode=params.mode,
+            adapter=submission.adapter,
             size=submission.size,
             profile=runtime.profile,
             request_id=request_id,
@@ -406,6 +410,25 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
         except Exception as exc:
             return error_response(exc, request_id)[0]
         return JSONResponse(report, headers={"X-Request-ID": request_id})
+
+    @app.get("/v1/adapters", response_model=AdapterList, responses={code: {"model": ErrorResponse} for code in
+                                                                       (401, 503)})
+    async def adapters(request: Request):
+        """The adapters this server serves: those loaded at start and those of its adapter store (loaded on first
+        use), with rank, size, the base transformer each was trained on, training metadata and the modes that
+        select them. A request names one in `adapter`."""
+        request_id = uuid.uuid4().hex
+        try:
+            runtime = ready_runtime(request)
+            authenticate(request, runtime)
+            entries = await asyncio.to_thread(runtime.adapters)
+        except Exception as exc:
+            return error_response(exc, request_id)[0]
+        body = AdapterList(base_transformer_digest=runtime.pipe.adapters.base_digest,
+                           default=runtime.pipe.default_adapter,
+                           adapters=[AdapterEntry(**{k: v for k, v in vars(entry).items() if k != "path"})
+                                     for entry in entries])
+        return JSONResponse(body.model_dump(), headers={"X-Request-ID": request_id})
 
     add_job_routes(app)
     return app
@@ -475,7 +498,8 @@ async def generate_as_job(request: Request, runtime, params: GenerateParams, ima
     images = await jobs.images(view)
     body = GenerateResponse(
         images=[base64.b64encode(data).decode("ascii") for data in images],
-        format=result["format"], seeds=result["seeds"], mode=result["mode"], size=result["size"],
+        format=result["format"], seeds=result["seeds"], mode=result["mode"], adapter=result.get("adapter"),
+        size=result["size"],
         profile=result["profile"], request_id=job_id, timings=Timings(**result["timings"]), notice=result["notice"],
         notices=result.get("notices", []),
     )

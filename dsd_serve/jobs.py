@@ -240,7 +240,8 @@ class Worker:
             spec, image = loaded
             while True:
                 try:
-                    submission = await self.runtime.submit(spec.params, image, request_id=claim.job_id)
+                    submission = await self.runtime.submit(spec.params, image, request_id=claim.job_id,
+                                                           priority_class="batch")
                     break
                 except QueueFull:
                     await asyncio.sleep(RETRY_SUBMIT_S)
@@ -291,7 +292,8 @@ class Worker:
             watch.cancel()
         params = spec.params
         summary = {"count": len(result.images), "seeds": result.seeds, "format": params.output_format,
-                   "mode": params.mode, "size": submission.size, "profile": self.runtime.profile,
+                   "mode": params.mode, "adapter": submission.adapter, "size": submission.size,
+                   "profile": self.runtime.profile,
                    "notice": self.runtime.notice, "notices": submission.notices,
                    "timings": {"queue_s": result.queue_seconds, "run_s": result.run_seconds,
                                "total_s": result.total_seconds}}

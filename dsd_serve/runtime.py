@@ -22,9 +22,10 @@ from PIL import Image, ImageColor
 
 from dsd_model import GenerationRequest, InputError, limits
 from dsd_model.images import Reference, read_reference
-from dsd_model.loading import TINY_NOTICE, adapter_for_mode, load_pipeline
+from dsd_model.loading import MODES, TINY_NOTICE, adapter_for_mode, load_pipeline
 from dsd_model.serving import metrics
-from dsd_model.serving.engine import Engine, EngineConfig, Event, Job, JobResult
+from dsd_model.serving.adapter_store import AdapterInfo, AdapterStore
+from dsd_model.serving.engine import Engine, EngineConfig, Event, Job, JobResult, PriorityClass
 from dsd_model.serving.enhance import open_enhancer
 from dsd_model.serving.latent_cache import open_latent_cache
 from dsd_model.serving.outputs import OutputStage
@@ -36,6 +37,15 @@ from .schemas import GenerateParams
 logger = logging.getLogger(__name__)
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def canvas_digest(image: Image.Image) -> str:
+    """sha256 of a preprocessed reference (its size, mode and pixels): the latent-cache key of what the VAE encodes,
+    so two requests share condition latents only when their canvases are the same, whatever the upload's bytes,
+    background or conversions were."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def release_free_memory() -> None:
@@ -72,6 +82,8 @@ class Submission:
     outputs lack (`OutputStage.notices`), for the response."""
     enhanced_prompt: str | None = None
     """The prompt the jobs generate from when enhancement replaced `params.prompt`."""
+    adapter: str | None = None
+    """The adapter the images are generated with (named by the request or selected by its mode)."""
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Cancel every job; `reason` as in `Job.cancel`."""
@@ -125,6 +137,8 @@ class Runtime:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
         self.pipe = load_pipeline(self.settings)
+        self.adapter_store = AdapterStore(self.pipe.adapters, self.settings.adapter_dirs,
+                                          self.settings.adapter_cache_bytes)
         self.engine = Engine(
             self.pipe,
             EngineConfig(
@@ -132,8 +146,11 @@ class Runtime:
                 max_queue=self.settings.max_queue,
                 batching=self.settings.batching,
                 prepare_ahead=self.settings.prepare_ahead,
+                jobs_aging_s=self.settings.jobs_aging_s,
+                priority_step_s=self.settings.priority_step_s,
             ),
             latent_cache=open_latent_cache(self.settings, self.pipe.vae),
+            adapter_store=self.adapter_store,
         )
         self.outputs = OutputStage(self.settings)
         self.enhancer = open_enhancer(self.settings)
@@ -158,8 +175,8 @@ class Runtime:
         return drained
 
     def check_limits(self, params: GenerateParams, image: bytes) -> str | None:
-        """Refuse a request beyond the service's limits with an `InputError` naming the field; the adapter its mode
-        selects."""
+        """Refuse a request beyond the service's limits with an `InputError` naming the field; the adapter it names,
+        or the one its mode selects."""
         if params.num_images > self.settings.max_images:
             raise InputError("num_images", f"{params.num_images} exceeds the limit of {self.settings.max_images}")
         deadline_s = params.deadline_s if params.deadline_s is not None else self.settings.default_deadline_s
@@ -167,7 +184,18 @@ class Runtime:
             raise InputError("deadline_s", f"{deadline_s} exceeds the limit of {self.settings.max_deadline_s} s")
         if len(image) > self.settings.max_upload_bytes:
             raise InputError("image", f"{len(image)} bytes exceeds the limit of {self.settings.max_upload_bytes}")
-        return adapter_for_mode(self.pipe, params.mode)
+        if params.adapter is not None:
+            if params.mode is not None:
+                raise InputError("adapter", "cannot be given together with `mode`; name the adapter, or the mode that "
+                                            "selects one (DSD_MODE_ADAPTERS)")
+            self.engine.check_adapter(params.adapter)
+            return params.adapter
+        return adapter_for_mode(self.pipe, params.mode, self.adapter_store.names())
+
+    def adapters(self) -> list[AdapterInfo]:
+        """Every adapter this replica serves (pinned and store), with the modes that select each."""
+        modes = {mode: self.pipe.mode_adapters.get(mode, mode) for mode in MODES}
+        return self.adapter_store.listing(modes)
 
     async def check_request(self, params: GenerateParams, image: bytes) -> None:
         """Everything `submit` refuses about the request itself (limits, mode, prompt windows, the reference), without
@@ -217,9 +245,11 @@ class Runtime:
         metrics.PROMPT_ENHANCEMENTS.labels(outcome=enhancement.outcome).inc()
         return enhancement.prompt, notices
 
-    async def submit(self, params: GenerateParams, image: bytes, request_id: str | None = None) -> Submission:
+    async def submit(self, params: GenerateParams, image: bytes, request_id: str | None = None,
+                     priority_class: PriorityClass = "interactive") -> Submission:
         """Validate against the service limits, refuse at once what the engine would refuse, decode the reference
-        into the canvas it feeds, enhance the prompt when asked, and queue one engine job per image. Raises `InputError`, `QueueFull` or
+        into the canvas it feeds, enhance the prompt when asked, and queue one engine job per image, ranked by
+        `priority_class` (`batch` for queued jobs) and the request's `priority`. Raises `InputError`, `QueueFull` or
         `Draining` at once."""
         arrived = time.monotonic()
         request_id = request_id or uuid.uuid4().hex
@@ -232,7 +262,8 @@ class Runtime:
         await asyncio.to_thread(self.outputs.safety.check_input, reference.image, params.consent, request_id)
         enhanced_prompt, enhance_notices = await self.enhance_prompt(params, reference)
         prompt = enhanced_prompt or params.prompt
-        image_digest = hashlib.sha256(image).hexdigest()
+        image_digest = canvas_digest(reference.image)
+        priority, priority_notices = self.priority(params)
         first_seed = params.seed if params.seed is not None else secrets.randbelow(limits.MAX_SEED)
         jobs: list[Job] = []
         try:
@@ -251,9 +282,8 @@ class Runtime:
                     image_digest=image_digest,
                     exact=params.exact,
                 )
-                jobs.append(
-                    self.engine.submit(request, deadline=arrived + deadline_s, request_id=f"{request_id}-{index}")
-                )
+                jobs.append(self.engine.submit(request, deadline=arrived + deadline_s, request_id=f"{request_id}-{index}",
+                                               priority=priority, priority_class=priority_class))
         except BaseException:
             for job in jobs:
                 job.cancel()
@@ -262,5 +292,16 @@ class Runtime:
                       prompt=prompt)
         finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim)
         return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived, finish=finish,
-                          notices=reference.notices + prompt_notices + enhance_notices + self.outputs.notices(size),
+                          adapter=adapter,
+                          notices=reference.notices + prompt_notices + enhance_notices + priority_notices
+                          + self.outputs.notices(size),
                           enhanced_prompt=enhanced_prompt)
+
+    def priority(self, params: GenerateParams) -> tuple[int, list[str]]:
+        """The request's priority as the engine ranks it, and a notice when the server ignores it."""
+        if params.priority is None or params.priority == 0:
+            return 0, []
+        if not self.settings.request_priorities:
+            return 0, [f"priority: {params.priority} was ignored; this server ranks every request alike "
+                       "(DSD_REQUEST_PRIORITIES=false)"]
+        return params.priority, []

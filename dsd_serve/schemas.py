@@ -21,6 +21,14 @@ class GenerateParams(BaseModel):
     prompt: Annotated[str, Field(min_length=1, max_length=limits.MAX_PROMPT_CHARS)]
     negative_prompt: Annotated[str, Field(max_length=limits.MAX_PROMPT_CHARS)] = ""
     mode: Mode | None = Field(None, description="selects the adapter (DSD_MODE_ADAPTERS); absent: the default adapter")
+    adapter: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] | None = Field(
+        None, description="the adapter to generate with, by name: one of `GET /v1/adapters` (the server's adapters and "
+        "its adapter store's); instead of `mode`",
+    )
+    priority: Annotated[int, Field(ge=limits.MIN_PRIORITY, le=limits.MAX_PRIORITY)] | None = Field(
+        None, description="queue rank, higher first: each level moves the request DSD_PRIORITY_STEP_S seconds ahead; "
+        "0 when absent. Ignored, with a notice, when the server disables priorities",
+    )
     steps: Annotated[int, Field(ge=limits.MIN_STEPS, le=limits.MAX_STEPS)] = 28
     guidance: Annotated[float, Field(ge=limits.MIN_GUIDANCE, le=limits.MAX_GUIDANCE)] = 3.5
     image_guidance: Annotated[float, Field(ge=limits.MIN_CFG, le=limits.MAX_CFG)] = 1.0
@@ -45,7 +53,7 @@ class GenerateParams(BaseModel):
                                      "the reference are composited on, #rrggbb")] = "#ffffff"
 
     @field_validator("steps", "guidance", "image_guidance", "text_guidance", "seed", "size", "num_images",
-                     "deadline_s", mode="before")
+                     "deadline_s", "priority", mode="before")
     @classmethod
     def _refuse_booleans(cls, value):
         if isinstance(value, bool):
@@ -93,6 +101,7 @@ class GenerateResponse(BaseModel):
     format: OutputFormat
     seeds: list[int] = Field(description="the seed of each image; send it back to reproduce the image")
     mode: Mode | None = Field(description="the request's mode; null when it named none (the default adapter served)")
+    adapter: str | None = Field(None, description="the adapter the images were generated with; null: the base model")
     size: int
     profile: str = Field(description="`tiny` (embedded random components: noise-like images) or `real`")
     request_id: str
@@ -118,3 +127,25 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class AdapterEntry(BaseModel):
+    name: str
+    source: Literal["pinned", "store"] = Field(
+        description="`pinned`: loaded at start (DSD_ADAPTERS, or the tiny profile's) and never dropped; `store`: a "
+        "file of an adapter store directory (DSD_ADAPTER_DIRS), loaded on first use")
+    loaded: bool
+    rank: int | None = Field(description="largest LoRA rank of the adapter; null when the file cannot be read")
+    size_bytes: int
+    digest: str | None = Field(description="sha256 of the loaded file's bytes; null while not loaded")
+    base_transformer_digest: str | None = Field(
+        description="the base transformer the adapter was trained on (null: not recorded); the server refuses an "
+        "adapter of another base")
+    modes: list[str] = Field(description="request modes that select this adapter")
+    metadata: dict[str, str] = Field(description="the file's metadata: training settings, config hash, eval summary")
+
+
+class AdapterList(BaseModel):
+    base_transformer_digest: str = Field(description="the base transformer this server runs")
+    default: str | None = Field(description="the adapter of requests that name neither `mode` nor `adapter`")
+    adapters: list[AdapterEntry]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from PIL import Image
 from prometheus_client import REGISTRY
 
 from dsd_model import GenerationRequest, images
@@ -19,7 +20,8 @@ from dsd_model.serving.latent_cache import LatentCache, decode_parameters, encod
 from dsd_model.serving.prompt_cache import PromptCache
 from dsd_model.settings import Settings
 from dsd_model.tiny import tiny_vae_config
-from helpers import png_bytes, random_image
+from dsd_serve.runtime import canvas_digest
+from helpers import alpha_ramp, png_bytes, random_image
 from servers import RedisServer, start_service, wait_ready
 
 SIZE = 64
@@ -284,19 +286,29 @@ def test_prompt_cache_is_thread_safe():
     assert len(cache) == 16
 
 
-def test_http_second_request_with_the_same_reference_is_a_hit(tmp_path, store, redis_server):
+def test_http_same_canvas_is_a_hit_and_another_background_is_another_entry(tmp_path, store, redis_server):
+    """The key is the preprocessed canvas: the same transparent upload on another background is another canvas, so it
+    never gets the first background's latents."""
     server = start_service(tmp_path, redis_url=redis_server.url)
     try:
         wait_ready(server)
-        reference = png_bytes(random_image(seed=5))
-        for prompt, seed in (("a toy on a beach", 1), ("the same toy in snow", 2)):
+        rgb = np.asarray(random_image(seed=5))
+        reference = png_bytes(Image.fromarray(np.dstack([rgb, alpha_ramp()]), "RGBA"))
+        images_by_background = {}
+        for prompt, seed, background in (("a toy on a beach", 1, "#000000"), ("the same toy in snow", 2, "#000000"),
+                                         ("a toy on a beach", 1, "#ffffff")):
             response = httpx.post(f"{server.url}/generate", data=dict(prompt=prompt, steps="1", size="64",
-                                  seed=str(seed)), files={"image": ("ref.png", reference, "image/png")}, timeout=60)
+                                  seed=str(seed), background=background),
+                                  files={"image": ("ref.png", reference, "image/png")}, timeout=60)
             assert response.status_code == 200, response.text
-        assert (server.metric("dsd_cache_misses_total"), server.metric("dsd_cache_hits_total")) == (1, 1)
+            images_by_background.setdefault(background, response.json()["images"][0])
+        assert (server.metric("dsd_cache_misses_total"), server.metric("dsd_cache_hits_total")) == (2, 1)
         assert server.metric("dsd_cache_errors_total") == 0
-        [key] = store.keys("dsd:condition:*")
-        assert key.decode().endswith(f":64:{hashlib.sha256(reference).hexdigest()}")
+        digests = {key.decode().rsplit(":", 1)[1] for key in store.keys("dsd:condition:p*:64:*")}
+        expected = {canvas_digest(images.read_reference(reference, size=64, background=colour).image)
+                    for colour in ((0, 0, 0), (255, 255, 255))}
+        assert digests == expected and len(digests) == 2
+        assert images_by_background["#000000"] != images_by_background["#ffffff"]
     finally:
         assert server.stop() == 0, server.log_tail()
 

@@ -4,7 +4,10 @@ Product backends send the same reference with many prompts; a hit replaces the V
 the posterior's parameters (mean and log-variance), not a sample, so a hit reproduces a miss exactly for the same
 seed (DESIGN.md section 4).
 
-    key    dsd:condition:p<preprocessing version>:<VAE identity>:<size>:<sha256 of the uploaded bytes>
+    key    dsd:condition:p<preprocessing version>:<VAE identity>:<size>:<sha256 of the preprocessed reference>
+
+The digest is of the reference as the VAE sees it (cropped, resized, composited on its background, converted), not
+of the uploaded bytes: the same upload with another background or size is another canvas and another entry.
     value  b"DSDL" | header length (4 bytes, little endian) | JSON {shape, dtype, sha256 of the data} | raw data
 
 Fail-open: Redis unreachable, slow (past `timeout_s`) or holding a value that does not decode is counted in

@@ -43,10 +43,11 @@ def check_base_model(pipe) -> None:
             "the noisy latents and the condition latents concatenated, so in_channels must be 2 x out_channels. "
             "Convert a plain FLUX or official DSD checkpoint with `dsd convert` first."
         )
-    if getattr(transformer, "peft_config", None):
+    loaded = pipe.adapters.names if hasattr(pipe, "adapters") else []
+    if getattr(transformer, "peft_config", None) or loaded:
         raise IncompatibleModelError(
-            f"the transformer already carries LoRA adapters {sorted(transformer.peft_config)}; train on a base "
-            "pipeline without adapters (do not load or fuse adapters before training)"
+            f"the transformer already carries LoRA adapters {sorted(getattr(transformer, 'peft_config', None) or loaded)}"
+            "; train on a base pipeline without adapters (do not load or fuse adapters before training)"
         )
 
 

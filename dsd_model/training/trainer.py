@@ -21,6 +21,7 @@ from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from ..adapters import BASE_DIGEST_KEY
 from ..eval.training import TrainingEval, plot_eval
 from ..pipeline import DSDPipeline
 from .checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
@@ -126,7 +127,7 @@ def train(config: TrainConfig, pipe: DSDPipeline | None = None) -> TrainResult:
         trained = full_tensors(params)
         if accelerator.is_main_process:
             metadata = {"format": "pt", "rank": str(config.rank), "steps": str(config.max_steps),
-                        "size": str(config.size)}
+                        "size": str(config.size), BASE_DIGEST_KEY: pipe.adapters.base_digest}
             save_adapter(pipe.transformer, trained, adapter_path, base_dtype, metadata)
         accelerator.wait_for_everyone()
 
