@@ -7,8 +7,12 @@
    >= 1.0x).
 3. The cost of exact mode: `--concurrent` requests submitted together, all normal (sharing forwards) against all
    `exact` (a forward each), alternating runs; p50 latency and throughput.
+4. Mixed traffic against uniform traffic: the same seeded Poisson arrivals (80% of the uniform engine's saturated
+   throughput, 8 steps, 8 rows per forward) for all `identity`; 50/50 `identity`/`structure`; one adapter at two
+   canvas sizes 50/50; and 8 adapters drawn uniformly. Runs alternate over `--rounds`; medians of p50, p99 and
+   throughput, each as a ratio to uniform (goals: p50 <= 1.15x, throughput >= 0.9x).
 
-    python benchmarks/serving.py [--requests 60] [--http-runs 15] [--concurrent 8] [--sections 1,2,3]
+    python benchmarks/serving.py [--requests 60] [--http-runs 15] [--concurrent 8] [--sections 1,2,3,4]
 """
 
 from __future__ import annotations
@@ -159,6 +163,59 @@ def exact_cost(concurrent: int, runs: int, steps: int) -> None:
           f"throughput {summary[True][1] / summary[False][1]:.2f}x")
 
 
+MIXES = {
+    "uniform": lambda i, rng: ("identity", 64),
+    "50/50 modes": lambda i, rng: (rng.choice(["identity", "structure"]), 64),
+    "50/50 sizes": lambda i, rng: ("identity", rng.choice([64, 96])),
+    "8 adapters": lambda i, rng: (f"adapter-{rng.randrange(8)}", 64),
+}
+"""Traffic mixes: (adapter, canvas size) of request i; the same seeded draws for every round."""
+
+
+def mixed_pipeline():
+    from dsd_model.tiny import tiny_lora_state_dict
+
+    pipe = load_pipeline(Settings(profile="tiny"))
+    for k in range(8):
+        pipe.load_adapter(tiny_lora_state_dict(pipe.transformer, seed=100 + k), f"adapter-{k}")
+    return pipe
+
+
+def mixed_workload(mix: str, count: int, steps: int) -> list[GenerationRequest]:
+    rng = random.Random(7)
+    image = Image.open(REFERENCE).convert("RGB")
+    requests = []
+    for i in range(count):
+        adapter, size = MIXES[mix](i, rng)
+        requests.append(GenerationRequest(image=image, prompt=f"the same toy, scene {i}", num_inference_steps=steps,
+                                          size=size, seed=i, adapter=adapter))
+    return requests
+
+
+def mixed_traffic(count: int, steps: int, rounds: int) -> None:
+    pipe = mixed_pipeline()
+    run_engine("step", mixed_workload("8 adapters", 16, steps), [0.0] * 16, pipe)  # warm every adapter and size
+    _, saturated = run_engine("step", mixed_workload("uniform", count, steps), [0.0] * count, pipe)
+    rate = 0.8 * count / saturated
+    arrivals = poisson_arrivals(count, rate)
+    measured: dict[str, list[tuple[float, float, float]]] = {mix: [] for mix in MIXES}
+    for round_ in range(rounds):
+        order = list(MIXES) if round_ % 2 == 0 else list(reversed(MIXES))
+        for mix in order:
+            latencies, makespan = run_engine("step", mixed_workload(mix, count, steps), arrivals, pipe)
+            measured[mix].append((percentile(latencies, 0.5), percentile(latencies, 0.99), count / makespan))
+    print(f"\n4. mixed traffic vs uniform: {count} requests, {steps} steps, Poisson arrivals at {rate:.2f} req/s = 80% "
+          f"of uniform saturated throughput ({count / saturated:.2f} req/s), max 8 rows per forward, median of "
+          f"{rounds} alternating rounds")
+    print(f"{'traffic':<14} {'p50 s':>7} {'p99 s':>7} {'req/s':>7} {'p50 x':>7} {'p99 x':>7} {'thru x':>7}")
+    base = [statistics.median(values[k] for values in measured["uniform"]) for k in range(3)]
+    for mix, values in measured.items():
+        p50, p99, throughput = (statistics.median(v[k] for v in values) for k in range(3))
+        print(f"{mix:<14} {p50:>7.3f} {p99:>7.3f} {throughput:>7.2f} {p50 / base[0]:>7.2f} {p99 / base[1]:>7.2f} "
+              f"{throughput / base[2]:>7.2f}")
+    print("goals: p50 <= 1.15x and throughput >= 0.9x of uniform")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=60)
@@ -166,7 +223,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="HTTP benchmark canvas side (official: 512)")
     parser.add_argument("--steps", type=int, default=28, help="HTTP benchmark steps (official: 28)")
     parser.add_argument("--concurrent", type=int, default=8, help="exact-mode comparison: requests at once")
-    parser.add_argument("--sections", default="1,2,3", help="which comparisons to run, e.g. 3")
+    parser.add_argument("--sections", default="1,2,3,4", help="which comparisons to run, e.g. 3")
+    parser.add_argument("--mixed-requests", type=int, default=60, help="mixed-traffic comparison: requests per run")
+    parser.add_argument("--rounds", type=int, default=3, help="mixed-traffic comparison: alternating rounds")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     if "1" in sections:
@@ -175,6 +234,8 @@ def main() -> None:
         batching(args.requests)
     if "3" in sections:
         exact_cost(args.concurrent, runs=3, steps=8)
+    if "4" in sections:
+        mixed_traffic(args.mixed_requests, steps=8, rounds=args.rounds)
 
 
 if __name__ == "__main__":
