@@ -102,8 +102,9 @@ def transformer_digest(transformer: torch.nn.Module) -> str:
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(transformer.state_dict().items()):
         flat = tensor.detach().reshape(-1)
-        index = torch.linspace(0, max(flat.numel() - 1, 0), min(DIGEST_SAMPLES, flat.numel()), device=flat.device)
-        sample = flat[index.long()].to("cpu", torch.float32).to(torch.bfloat16)
+        count = min(DIGEST_SAMPLES, flat.numel())
+        index = torch.arange(count, device=flat.device) * max(flat.numel() - 1, 0) // max(count - 1, 1)
+        sample = flat[index].to("cpu", torch.float32).to(torch.bfloat16)
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(sample.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:32]

@@ -399,7 +399,9 @@ def test_dashboard_reads_only_the_services_metrics():
             "dsd_webhook_attempts_total", "dsd_webhook_abandoned_total", "dsd_webhook_latency_seconds_bucket",
             "dsd_watermarks_total", "dsd_c2pa_manifests_total", "dsd_safety_decisions_total",
             "dsd_output_stage_duration_seconds_bucket", "dsd_prompt_enhancements_total",
-            "dsd_step_cache_rows_total"} <= read
+            "dsd_step_cache_rows_total", "dsd_forward_rows_total", "dsd_forwards_total", "dsd_running_sizes",
+            "dsd_adapter_loads_total", "dsd_adapter_cache_hits_total", "dsd_adapter_evictions_total",
+            "dsd_adapter_load_seconds_bucket", "dsd_adapter_cache_bytes", "dsd_engine_failures_total"} <= read
 
 
 def test_probe_paths_metrics_and_grpc_health_answer_on_the_real_server(tmp_path):
