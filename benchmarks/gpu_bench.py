@@ -10,7 +10,9 @@ on the attention projections. Canvas `size` x 2`size` (512: 2048 image + 512 tex
   forward (`DSDPipeline.step`);
 - fp8 (opt-in): the lossless path with the active adapter fused and torchao float8 weights and activations;
 - step cache (opt-in): the lossless path with the per-row step cache at several thresholds;
-- throughput over 1/2/4/8 rows, and the engine's step-level against whole-request batching at 80% load.
+- throughput over 1/2/4/8 rows, and the engine's step-level against whole-request batching at 80% load;
+- mixed adapters: 8 rows of 2 or 8 adapters in one forward against 8 rows of the folded single adapter, with the
+  most-used adapter folded and the others applied as differences (the default on cuda) and fully unfused.
 
 An image's time is its denoising loop plus its VAE decode (prompt and reference encoding are excluded: both are
 cached in serving). Prints one table and writes gpu_bench.json to $OUT (default ./out).
@@ -88,12 +90,15 @@ def build(args) -> DSDPipeline:
     return pipe
 
 
-def states(pipe, args, count: int = 1, cfg: bool = False, steps: int | None = None, seed: int = 0):
+def states(pipe, args, count: int = 1, cfg: bool = False, steps: int | None = None, seed: int = 0,
+           adapters: list[str] | None = None):
+    """Prepared requests of the identity adapter (or of `adapters[i]`)."""
     image = Image.open(REFERENCE).convert("RGB")
     return pipe.prepare([
         GenerationRequest(image=image, prompt="the same toy on a beach", num_inference_steps=steps or args.steps,
                           size=args.size, seed=seed + i, image_guidance_scale=2.0 if cfg else 1.0,
-                          text_guidance_scale=1.5 if cfg else 1.0)
+                          text_guidance_scale=1.5 if cfg else 1.0,
+                          adapter=adapters[i] if adapters else ADAPTERS[0])
         for i in range(count)
     ])
 
@@ -344,6 +349,36 @@ def step_cache(report: Report, pipe, args, buckets: RowBuckets, reference: torch
                    ">= 1.8x at some threshold" if threshold == max(results) else "", bool(met) if threshold == max(results) else None)
 
 
+def mixed_adapters(report: Report, pipe, args) -> None:
+    """8 rows of one adapter (folded: the fast path) against 8 rows of 2 adapters (4 + 4) and of 8 adapters, with
+    folding (the most-used adapter folded, the others' differences applied per segment) and unfused (every row's
+    LoRA per segment, base weights), each step timed after one untimed step of its layout (which compiles it)."""
+    extra = [f"extra-{k}" for k in range(8 - len(ADAPTERS))]
+    for seed, name in enumerate(extra, start=len(ADAPTERS) + 1):
+        if name not in pipe.adapters.names:
+            pipe.load_adapter(tiny_lora_state_dict(pipe.transformer, seed=seed, rank=args.rank, std=0.01), name)
+    layouts = {"1 adapter": [ADAPTERS[0]] * 8, "2 adapters": list(ADAPTERS) * 4, "8 adapters": [*ADAPTERS, *extra]}
+    batches = {name: states(pipe, args, count=8, adapters=rows) for name, rows in layouts.items()}
+    times = {}
+    for design in ("folded", "unfused"):
+        if design == "unfused":
+            pipe.adapters.stop_folding()
+        for layout, batch in batches.items():
+            step_seconds(pipe, batch, 1)
+            times[(design, layout)] = statistics.median(step_seconds(pipe, batch, args.calls))
+    pipe.adapters.fold_on_activate()
+    single = times[("folded", "1 adapter")]
+    report.data["mixed_adapters"] = {f"{design} {layout}": seconds for (design, layout), seconds in times.items()}
+    for layout in ("2 adapters", "8 adapters"):
+        for design in ("folded", "unfused"):
+            ratio = times[(design, layout)] / single
+            report.row(f"mixed step, 8 rows of {layout}, {design}", f"{times[(design, layout)] * 1e3:.1f} ms = "
+                       f"{ratio:.2f}x the folded single-adapter step ({single * 1e3:.1f} ms)",
+                       "<= 1.15x" if design == "folded" else "", ratio <= 1.15 if design == "folded" else None)
+    report.row("unfused single-adapter step, 8 rows", f"{times[('unfused', '1 adapter')] * 1e3:.1f} ms = "
+               f"{times[('unfused', '1 adapter')] / single:.2f}x folded")
+
+
 def batching(report: Report, pipe, args, rows_per_s: float) -> None:
     requests = workload(args.requests, seed=1, size=args.size)
     row_steps = statistics.mean(r.num_inference_steps * (3 if r.uses_cfg else 1) for r in requests)
@@ -455,6 +490,7 @@ def main() -> None:
     report.section("compile", compile_path, pipe, args, buckets)
     lossless_image = report.section("lossless", lossless, pipe, args, report.data.get("official", {}))
     rows_per_s = report.section("throughput", throughput, pipe, args)
+    report.section("mixed adapters", mixed_adapters, pipe, args)
     if lossless_image is not None:
         report.section("step cache", step_cache, pipe, args, buckets, lossless_image)
     if lossless_image is not None:

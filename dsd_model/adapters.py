@@ -454,6 +454,13 @@ class AdapterRegistry:
         active, self.active = self.active, None
         self.activate(active)
 
+    def stop_folding(self) -> None:
+        """Serve unfused again: the base weights are restored and every adapter's LoRA runs beside them."""
+        if not self.folding:
+            return
+        self._fold(None)
+        self._base_weights = None
+
     def _fold(self, adapter: LoadedAdapter | None) -> None:
         if adapter is self._folded:
             return

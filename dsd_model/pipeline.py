@@ -447,6 +447,7 @@ class DSDPipeline(DiffusionPipeline):
         size = states[0].request.size
         height, width = 2 * (size // 16), 2 * (2 * size // 16)
         dtype = self.transformer.dtype
+        device = states[0].latents.device  # `_execution_device` walks every module of every component
         with self.adapters.rows([state.adapter for state in states for _ in range(state.rows)]):
             prediction = self._forward(
                 torch.cat(hidden).to(dtype),
@@ -454,8 +455,8 @@ class DSDPipeline(DiffusionPipeline):
                 torch.cat(guidance) if self.transformer.config.guidance_embeds else None,
                 torch.cat(pooled).to(dtype),
                 torch.cat(text).to(dtype),
-                latent_image_ids(height, width, self._execution_device, dtype),
-                torch.zeros(text[0].shape[1], 3, device=self._execution_device, dtype=dtype),
+                latent_image_ids(height, width, device, dtype),
+                torch.zeros(text[0].shape[1], 3, device=device, dtype=dtype),
                 states,
             )
 
@@ -479,7 +480,7 @@ class DSDPipeline(DiffusionPipeline):
         """The transformer's prediction for the rows of `states` (in `step`'s row order); `self.denoiser`
         (`acceleration.Denoiser`: bucketed rows, per-row step cache), when set, makes the call."""
         if self.denoiser is not None:
-            return self.denoiser(hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states)
+            return self.denoiser(hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states, self.adapters)
         return self.transformer(
             hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled,
             encoder_hidden_states=text, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,

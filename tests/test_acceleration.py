@@ -81,6 +81,26 @@ def test_step_cache_decides_per_row_as_if_each_request_ran_alone(fresh_pipe):
     assert sum(s.extras[EVALUATIONS_KEY] for s in together) < full
 
 
+def test_step_cache_keeps_each_rows_adapter_when_only_some_rows_run_the_remaining_blocks(fresh_pipe):
+    """Rows of three adapters (and the base model) in one forward under the step cache: the rows that run the
+    remaining blocks are a subset, and each keeps its adapter; every request equals itself alone."""
+    for seed, name in enumerate(("identity", "structure", "sketch"), start=1):
+        fresh_pipe.load_adapter(tiny_lora_state_dict(fresh_pipe.transformer, seed=seed), name)
+    fresh_pipe.denoiser = Denoiser(fresh_pipe.transformer, buckets=RowBuckets([8]), cache=StepCache(0.3))
+    work = requests(steps=(12, 9, 6, 8), cfg=(False, True, False, False))
+    for request, adapter in zip(work, ("identity", "structure", "sketch", None)):
+        request.adapter = adapter
+    together = fresh_pipe.prepare(work)
+    together_latents = denoise(fresh_pipe, together)
+    for request, batched, latents in zip(work, together, together_latents):
+        alone = fresh_pipe.prepare([request])
+        alone_latents = denoise(fresh_pipe, alone)[0]
+        assert alone[0].extras[EVALUATIONS_KEY] == batched.extras[EVALUATIONS_KEY], request.adapter
+        assert (alone_latents - latents).abs().max() < FLOAT32_TOLERANCE, request.adapter
+    full = blocks_per_row(fresh_pipe.transformer) * (12 + 1 + 1 + 3 * 7 + 6 + 8)
+    assert sum(s.extras[EVALUATIONS_KEY] for s in together) < full  # some rows were skipped
+
+
 def test_bucket_padding_leaves_real_rows_unchanged(fresh_pipe):
     plain = denoise(fresh_pipe, fresh_pipe.prepare(requests()))
     buckets = RowBuckets([1, 2, 8])

@@ -56,17 +56,16 @@ class RowBuckets:
 
 class Denoiser:
     """The transformer call of one denoising step, with rows padded to a bucket and, when `cache` is set, the
-    per-row step cache (which keeps each row's adapter through `adapters`, the pipeline's registry). Same signature
-    as `DSDPipeline._forward`."""
+    per-row step cache. Same signature as `DSDPipeline._forward`, plus the pipeline's adapter registry, which keeps
+    each row's adapter when the cache runs only some rows through the remaining blocks."""
 
-    def __init__(self, transformer, buckets: RowBuckets | None = None, cache: StepCache | None = None,
-                 adapters: AdapterRegistry | None = None):
+    def __init__(self, transformer, buckets: RowBuckets | None = None, cache: StepCache | None = None):
         self.transformer = transformer
         self.buckets = buckets
         self.cache = cache
-        self.adapters = adapters
 
-    def __call__(self, hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states) -> torch.Tensor:
+    def __call__(self, hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states,
+                 adapters: AdapterRegistry | None = None) -> torch.Tensor:
         rows = hidden.shape[0]
         pad = self.buckets.pad if self.buckets is not None else None
         if pad is not None:
@@ -74,7 +73,7 @@ class Denoiser:
             guidance = pad(guidance) if guidance is not None else None
         prediction = flux_forward(
             self.transformer, hidden, text, pooled, timestep, img_ids, txt_ids, guidance, self.cache, states, pad,
-            self.adapters,
+            adapters,
         )
         return prediction[:rows]
 
@@ -242,7 +241,7 @@ def accelerate(pipe, settings) -> None:
         adapters = 1 + len(pipe.adapters.names)
         compile_blocks(transformer, settings.compile_mode, 2 * len(buckets.sizes) * len(settings.compile_sizes) * adapters)
     if compiled or cache is not None:
-        pipe.denoiser = Denoiser(transformer, buckets, cache, pipe.adapters)
+        pipe.denoiser = Denoiser(transformer, buckets, cache)
     if compiled and settings.compile_warmup:
         seconds = warm_up(pipe, settings.compile_sizes, buckets)
         logger.info("compiled and warmed up %d row buckets x %d canvas sizes in %.1f s", len(buckets.sizes),
