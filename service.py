@@ -86,6 +86,7 @@ class DSDService:
         app.state.runtime = runtime
         if self.grpc is not None:
             self.grpc.attach(runtime)
+            runtime.engine.on_failure(lambda reason: self.grpc.stop_serving())
         self.jobs.start_worker(runtime)
         logger.info("ready: profile %s, adapters %s", runtime.profile, runtime.pipe.adapters.names)
 
@@ -93,7 +94,8 @@ class DSDService:
         return self.runtime is not None and self.runtime.engine.ready
 
     def __is_alive__(self) -> bool:
-        return not self.load_failed
+        """False when the model failed to load or an engine thread died: Kubernetes then restarts the replica."""
+        return not self.load_failed and (self.runtime is None or self.runtime.engine.alive)
 
     def drain_engine(self) -> None:
         """Stop claiming jobs and admitting requests, let the engine finish its work and the jobs store their

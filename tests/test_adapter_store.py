@@ -16,7 +16,8 @@ from dsd_model.adapters import BASE_DIGEST_KEY
 from dsd_model.cli import main
 from dsd_model.serving.adapter_store import AdapterStore, read_header
 from dsd_model.serving.engine import Engine, EngineConfig
-from dsd_model.tiny import tiny_lora_state_dict
+from dsd_model.tiny import build_tiny_components, tiny_lora_state_dict
+from servers import ROOT
 from test_engine import GatedPipeline, Hold, as_tensor, req, wait_until
 from test_mixed_batching import TOLERANCE, tiny_pipeline
 
@@ -197,3 +198,20 @@ def test_publish_writes_the_adapter_with_its_provenance_and_list_shows_it(tmp_pa
     [listed] = json.loads(capsys.readouterr().out)
     assert (listed["name"], listed["rank"], listed["base_transformer_digest"]) == ("night", 4, pipe.adapters.base_digest)
     assert not list(store.glob(".*"))  # no partial file left behind
+
+
+def test_dsd_generate_takes_an_adapter_store_file_by_name(tmp_path, monkeypatch, capsys):
+    store = tmp_path / "store"
+    store.mkdir()
+    write_adapter(store / "ink.safetensors", build_tiny_components()["transformer"], seed=51)
+    monkeypatch.setenv("DSD_PROFILE", "tiny")
+    monkeypatch.setenv("DSD_ADAPTER_DIRS", json.dumps([str(store)]))
+    arguments = ["generate", "--image", str(ROOT / "tests" / "assets" / "reference.png"), "--prompt", "a toy",
+                 "--steps", "2", "--size", "64", "--seed", "3"]
+    assert main([*arguments, "--out", str(tmp_path / "ink.png"), "--adapter", "ink"]) == 0
+    assert "adapter ink" in capsys.readouterr().out
+    assert main([*arguments, "--out", str(tmp_path / "none.png"), "--adapter", "nope"]) == 2
+    assert "--adapter: 'nope' is not an adapter of DSD_ADAPTERS or DSD_ADAPTER_DIRS; adapters: identity, ink, " \
+           "structure" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse refuses --mode with --adapter
+        main([*arguments, "--out", str(tmp_path / "both.png"), "--adapter", "ink", "--mode", "identity"])

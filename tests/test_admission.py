@@ -38,3 +38,20 @@ def test_queued_reference_is_the_canvas_and_refusals_come_before_decoding(runtim
     with pytest.raises(Draining):
         asyncio.run(runtime.submit(params, b"not an image"))
     assert rejected("draining") == before + 1
+
+
+def test_priorities_rank_requests_unless_the_operator_turned_them_off():
+    image = png_bytes(random_image(64, 64))
+    ranked = Runtime(Settings(profile="tiny", size=64))
+    plain = asyncio.run(ranked.submit(GenerateParams(prompt="a toy"), image))
+    urgent = asyncio.run(ranked.submit(GenerateParams(prompt="a toy", priority=10), image))
+    job_class = asyncio.run(ranked.submit(GenerateParams(prompt="a toy"), image, priority_class="batch"))
+    assert urgent.jobs[0].rank < plain.jobs[0].rank < job_class.jobs[0].rank  # engine not started: all still queued
+    assert not any("priority" in notice for notice in urgent.notices)
+
+    flat = Runtime(Settings(profile="tiny", size=64, request_priorities=False))
+    first = asyncio.run(flat.submit(GenerateParams(prompt="a toy"), image))
+    ignored = asyncio.run(flat.submit(GenerateParams(prompt="a toy", priority=10), image))
+    assert first.jobs[0].rank < ignored.jobs[0].rank and ignored.jobs[0].priority == 0
+    assert "priority: 10 was ignored; this server ranks every request alike (DSD_REQUEST_PRIORITIES=false)" in \
+        ignored.notices

@@ -220,6 +220,8 @@ def test_a_dead_thread_fails_every_request_and_the_replica_stops_being_alive(sta
 
     failures = REGISTRY.get_sample_value("dsd_engine_failures_total", {"thread": "denoise"}) or 0.0
     engine = start(tiny_pipeline(DyingPipeline), max_batch_rows=12)
+    reasons = []
+    engine.on_failure(reasons.append)  # what turns gRPC health NOT_SERVING in the service
     running = engine.submit(req(1, num_inference_steps=50))
     wait_for(running, "step")
     dying = engine.submit(req(2, num_inference_steps=2))
@@ -227,7 +229,7 @@ def test_a_dead_thread_fails_every_request_and_the_replica_stops_being_alive(sta
     for job in [running, dying, *waiting]:
         with pytest.raises(InternalError):
             job.future.result(timeout=60)
-    assert not engine.alive and not engine.ready
+    assert not engine.alive and not engine.ready and reasons == ["denoise thread: Fatal"]
     with pytest.raises(EngineFailed, match="denoise thread"):
         engine.submit(req(9))
     assert REGISTRY.get_sample_value("dsd_engine_failures_total", {"thread": "denoise"}) == failures + 1

@@ -233,6 +233,7 @@ class Engine:
         self._last_size = 0
         """Canvas size of the last forward: the next forward is of the next larger size running (in turn)."""
         self._order = itertools.count()
+        self._failure_listeners: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -271,6 +272,10 @@ class Engine:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    def on_failure(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(reason)` (on the dying thread) when a thread dies and the engine fails."""
+        self._failure_listeners.append(listener)
 
     def stop_admitting(self) -> None:
         """Refuse new requests from now on (`Draining`); queued and running ones continue."""
@@ -401,6 +406,8 @@ class Engine:
             self._lock.notify_all()
         for job in jobs:
             self._settle(job, error=InternalError(job.request_id))
+        for listener in self._failure_listeners:
+            listener(self._failed)
 
     def _wait_for(self, take: Callable[[], object], timeout: Callable[[], float | None] = lambda: None):
         """Sleep on the condition until `take()` (called with the lock held) returns work; None once stopped and
