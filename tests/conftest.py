@@ -28,6 +28,25 @@ def fresh_pipe():
 
 
 @pytest.fixture
+def start_engine():
+    """Start engines (`start_engine(pipe, adapter_store=None, **EngineConfig fields)`) without warm-up; drained after
+    the test."""
+    from dsd_model.serving.engine import Engine, EngineConfig
+
+    engines = []
+
+    def start(pipe, adapter_store=None, **config):
+        engine = Engine(pipe, EngineConfig(**config), adapter_store=adapter_store)
+        engine.start(warmup=False)
+        engines.append(engine)
+        return engine
+
+    yield start
+    for engine in engines:
+        engine.drain(timeout=30)
+
+
+@pytest.fixture
 def reference():
     return random_image()
 

@@ -15,7 +15,6 @@ from dsd_model import InputError
 from dsd_model.adapters import BASE_DIGEST_KEY
 from dsd_model.cli import main
 from dsd_model.serving.adapter_store import AdapterStore, read_header
-from dsd_model.serving.engine import Engine, EngineConfig
 from dsd_model.tiny import build_tiny_components, tiny_lora_state_dict
 from servers import ROOT
 from test_engine import GatedPipeline, Hold, as_tensor, req, wait_until
@@ -40,23 +39,16 @@ def counter(name: str, **labels) -> float:
 
 
 @pytest.fixture
-def store_engine(tmp_path):
-    engines = []
-
+def store_engine(tmp_path, start_engine):
     def make(budget_bytes: int = 2**30, gated: bool = False):
         pipe = tiny_pipeline(GatedPipeline) if gated else tiny_pipeline()
         if gated:
             pipe.hold = Hold()
         store = AdapterStore(pipe.adapters, [tmp_path / "store"], budget_bytes)
         (tmp_path / "store").mkdir(exist_ok=True)
-        engine = Engine(pipe, EngineConfig(max_batch_rows=12), adapter_store=store)
-        engine.start(warmup=False)
-        engines.append(engine)
-        return engine, store, tmp_path / "store"
+        return start_engine(pipe, adapter_store=store, max_batch_rows=12), store, tmp_path / "store"
 
-    yield make
-    for engine in engines:
-        engine.drain(timeout=30)
+    return make
 
 
 def test_a_file_added_while_serving_is_loaded_on_the_preparing_thread(store_engine, caplog):
