@@ -8,7 +8,9 @@
 - The preparing thread runs `DSDPipeline.prepare` for the first `prepare_ahead` waiting requests: latent-cache
   lookups in Redis, VAE encode, prompt encode, noise. A request is admitted only once prepared, so none of that
   stalls the running batch.
-- The finishing thread runs `DSDPipeline.finish` (VAE decode) and resolves each request's future.
+- The finishing thread runs `DSDPipeline.finish` (VAE decode) and resolves each request's future. It also decodes
+  the previews a request asked for (`GenerationRequest.preview_steps`) into `partial` events, before any final
+  decode waiting beside them, so a request's partial images always come before its `done`.
 
 One request's fate is its own: a fault while preparing, stepping or decoding one request fails that request only
 (a forward that raises is retried with each request alone), a cancelled or expired request leaves at the next step
@@ -23,6 +25,7 @@ Transports call `submit` from any thread or event loop and await `Job.result()` 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import threading
@@ -76,16 +79,17 @@ class EngineConfig:
 
 @dataclass
 class Event:
-    """A progress event: `queued` (with `position`), `started`, `step` (i of total), `done` or `failed`; `at` is its
-    `time.monotonic()` instant."""
+    """A progress event: `queued` (with `position`), `started`, `step` (i of total), `partial` (the preview `image`
+    after step i of total), `done` or `failed`; `at` is its `time.monotonic()` instant."""
 
-    kind: Literal["queued", "started", "step", "done", "failed"]
+    kind: Literal["queued", "started", "step", "partial", "done", "failed"]
     request_id: str
     position: int = 0
     step: int = 0
     total: int = 0
     error: str = ""
     at: float = field(default_factory=time.monotonic)
+    image: Image.Image | None = None
 
 
 @dataclass
@@ -192,6 +196,8 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
         self._finishing: deque[Job] = deque()
+        self._previews: deque[tuple[Job, DenoiseState]] = deque()
+        """Jobs with a preview to decode, each with a copy of its state at that step holding the preview."""
         self._lock = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._draining = False
@@ -259,7 +265,7 @@ class Engine:
 
     @property
     def _busy(self) -> bool:
-        return bool(self._waiting or self._running or self._finishing)
+        return bool(self._waiting or self._running or self._finishing or self._previews)
 
     # ------------------------------------------------------------------ admission
 
@@ -408,7 +414,10 @@ class Engine:
         for job in stepped:
             job.emit(Event("step", job.request_id, step=job.state.step_index, total=job.state.num_steps))
         failed = [job for job in batch if job not in stepped]
+        previews = [(job, dataclasses.replace(job.state, extras={"preview": job.state.extras.pop("preview")}))
+                    for job in stepped if "preview" in job.state.extras]
         with self._lock:
+            self._previews.extend(previews)
             for job in failed:
                 self._running.remove(job)
             finished = [job for job in self._running if job.state.done]
@@ -471,10 +480,16 @@ class Engine:
 
     # ------------------------------------------------------------------ finishing (the finishing thread)
 
-    def _next_to_finish(self) -> Job | None:
+    def _next_to_finish(self) -> Job | tuple[Job, DenoiseState] | None:
+        if self._previews:
+            return self._previews.popleft()
         return self._finishing[0] if self._finishing else None
 
-    def _finish(self, job: Job) -> None:
+    def _finish(self, work: Job | tuple[Job, DenoiseState]) -> None:
+        if isinstance(work, tuple):
+            self._emit_preview(*work)
+            return
+        job = work
         try:
             image = self.pipe.finish(job.state)
         except Exception:  # a fault while decoding fails this request, never the engine
@@ -489,6 +504,19 @@ class Engine:
             self._request_seconds = run if not self._request_seconds else 0.8 * self._request_seconds + 0.2 * run
             self._settle(job, JobResult(image=image, seed=job.state.seed, request_id=job.request_id,
                                         queue_seconds=job.started - job.submitted, run_seconds=run))
+
+    def _emit_preview(self, job: Job, state: DenoiseState) -> None:
+        """Decode the preview into a `partial` event; the preview of a job that ended (cancelled, expired) is
+        dropped, and a fault while decoding one costs the request that partial image only."""
+        if not job.cancelled.is_set() and not job.future.done():
+            try:
+                image = self.pipe.preview(state)
+            except Exception:
+                logger.exception("decoding the preview of %s after step %d failed", job.request_id, state.step_index)
+            else:
+                job.emit(Event("partial", job.request_id, step=state.step_index, total=state.num_steps, image=image))
+        with self._lock:
+            self._lock.notify_all()
 
     # ------------------------------------------------------------------ outcomes
 
