@@ -217,10 +217,12 @@ class Runtime:
         metrics.PROMPT_ENHANCEMENTS.labels(outcome=enhancement.outcome).inc()
         return enhancement.prompt, notices
 
-    async def submit(self, params: GenerateParams, image: bytes, request_id: str | None = None) -> Submission:
+    async def submit(self, params: GenerateParams, image: bytes, request_id: str | None = None,
+                     preview_steps: tuple[int, ...] = (), output_quality: int | None = None) -> Submission:
         """Validate against the service limits, refuse at once what the engine would refuse, decode the reference
         into the canvas it feeds, enhance the prompt when asked, and queue one engine job per image. Raises `InputError`, `QueueFull` or
-        `Draining` at once."""
+        `Draining` at once. `preview_steps`: steps after which each job emits a `partial` event with a preview
+        (`GenerationRequest.preview_steps`); `output_quality`: JPEG/WebP quality of the outputs (`encode_image`)."""
         arrived = time.monotonic()
         request_id = request_id or uuid.uuid4().hex
         adapter = self.check_limits(params, image)
@@ -250,6 +252,7 @@ class Runtime:
                     adapter=adapter,
                     image_digest=image_digest,
                     exact=params.exact,
+                    preview_steps=preview_steps,
                 )
                 jobs.append(
                     self.engine.submit(request, deadline=arrived + deadline_s, request_id=f"{request_id}-{index}")
@@ -260,7 +263,8 @@ class Runtime:
             raise
         claim = Claim(request_id=request_id, model=self.outputs.model_name, adapter=adapter, profile=self.profile,
                       prompt=prompt)
-        finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim)
+        finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim,
+                         quality=output_quality)
         return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived, finish=finish,
                           notices=reference.notices + prompt_notices + enhance_notices + self.outputs.notices(size),
                           enhanced_prompt=enhanced_prompt)
