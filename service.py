@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from dsd_model.settings import Settings
 from dsd_serve.grpc_server import GrpcServer
 from dsd_serve.http import create_app
+from dsd_serve.image_urls import ImageURLs
 from dsd_serve.jobs import Jobs
 
 logger = logging.getLogger("dsd_serve")
@@ -47,6 +48,7 @@ class DSDService:
         self.load_failed = False
         self.jobs = Jobs(self.settings)
         app.state.jobs = self.jobs
+        app.state.image_urls = ImageURLs(self.settings)
         self.grpc = GrpcServer(self.settings, self.jobs) if self.settings.grpc_port else None
         if self.grpc is not None:
             self.grpc.start()

@@ -234,8 +234,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
 
-def encode_image(image: Image.Image, output_format: str) -> bytes:
-    """`image` encoded as `output_format` (png, jpeg or webp) with `ENCODE_OPTIONS`."""
+def encode_image(image: Image.Image, output_format: str, quality: int | None = None) -> bytes:
+    """`image` encoded as `output_format` (png, jpeg or webp) with `ENCODE_OPTIONS`; `quality` (0-100) replaces the
+    JPEG and WebP quality (PNG is lossless and ignores it)."""
+    options = dict(ENCODE_OPTIONS[output_format])
+    if quality is not None and "quality" in options:
+        options["quality"] = quality
     buffer = io.BytesIO()
-    image.save(buffer, **ENCODE_OPTIONS[output_format])
+    image.save(buffer, **options)
     return buffer.getvalue()

@@ -68,6 +68,9 @@ class GenerationRequest:
     """Run this request's rows in a transformer forward of their own at every step, so its image is byte-identical
     to the request run alone whatever else shares the step (see `DSDPipeline.step`). Costs throughput: its forward
     is not batched with other requests'."""
+    preview_steps: tuple[int, ...] = ()
+    """Counts of completed steps (1 to `num_inference_steps`, increasing) after which `step` keeps the model's
+    clean-image estimate for `DSDPipeline.preview`. Previews never change the final image."""
 
     @property
     def uses_cfg(self) -> bool:
@@ -114,6 +117,12 @@ def validate_request(request: GenerationRequest) -> None:
         _check_number("seed", request.seed, 0, limits.MAX_SEED, True)
     if not isinstance(request.exact, bool):
         raise InputError("exact", f"must be a boolean, got {request.exact!r}")
+    steps = request.preview_steps
+    if not isinstance(steps, tuple) or any(isinstance(s, bool) or not isinstance(s, int) for s in steps):
+        raise InputError("preview_steps", f"must be a tuple of integers, got {steps!r}")
+    if any(not 1 <= s <= request.num_inference_steps for s in steps) or list(steps) != sorted(set(steps)):
+        raise InputError("preview_steps", f"{steps!r} must be increasing step counts from 1 to "
+                         f"num_inference_steps={request.num_inference_steps}")
 
 
 @dataclass
@@ -420,13 +429,17 @@ class DSDPipeline(DiffusionPipeline):
         states = sorted(states, key=adapter_order)  # the rows of one adapter are one segment
         shared = [s for s in states if not s.request.exact]
         groups = ([shared] if shared else []) + [[s] for s in states if s.request.exact]
-        updated = [(state, latents) for group in groups for state, latents in zip(group, self._updated_latents(group))]
-        for state, latents in updated:
+        updated = [(state, result) for group in groups for state, result in zip(group, self._updated_latents(group))]
+        for state, (latents, preview) in updated:
             state.latents = latents
             state.step_index += 1
+            if preview is not None:
+                state.extras["preview"] = preview
 
-    def _updated_latents(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
-        """The latents of `states` after one Euler step, from one batched forward over their rows."""
+    def _updated_latents(self, states: Sequence[DenoiseState]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The latents of `states` after one Euler step, from one batched forward over their rows, each with the
+        clean-image estimate `x0 = x_t - sigma_t * v` (v the guided prediction) when the state's request wants a
+        preview after this step, else None."""
         hidden, text, pooled, timestep, guidance = [], [], [], [], []
         for state in states:
             x, c = state.latents, state.condition
@@ -473,7 +486,9 @@ class DSDPipeline(DiffusionPipeline):
                 row += 1
             sigma = state.sigmas[state.step_index]
             sigma_next = state.sigmas[state.step_index + 1]
-            updated.append((state.latents.to(torch.float32) + (sigma_next - sigma) * pred).to(pred.dtype))
+            latents = state.latents.to(torch.float32)
+            preview = latents - sigma * pred if state.step_index + 1 in state.request.preview_steps else None
+            updated.append(((latents + (sigma_next - sigma) * pred).to(pred.dtype), preview))
         return updated
 
     def _forward(self, hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states) -> torch.Tensor:
@@ -486,20 +501,30 @@ class DSDPipeline(DiffusionPipeline):
             encoder_hidden_states=text, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
         )[0]
 
-    @torch.no_grad()
     def decode(self, state: DenoiseState) -> torch.Tensor:
         """Decoded canvas (or its right half) in [-1, 1], shape [1, 3, H, W]."""
-        size = state.request.size
-        latents = unpack_latents(state.latents, 2 * (size // 16), 2 * (2 * size // 16))
+        return self._decode_latents(state.latents, state.request)
+
+    @torch.no_grad()
+    def _decode_latents(self, packed: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+        size = request.size
+        latents = unpack_latents(packed, 2 * (size // 16), 2 * (2 * size // 16))
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-        return image if state.request.full_canvas else image[..., size:]
+        return image if request.full_canvas else image[..., size:]
 
     def finish(self, state: DenoiseState) -> Image.Image:
         """The generated image of a finished state."""
         if not state.done:
             raise ValueError(f"state is at step {state.step_index} of {state.num_steps}; finish it first")
         return to_pil(self.decode(state))[0]
+
+    def preview(self, state: DenoiseState) -> Image.Image:
+        """The clean-image estimate `step` kept for this state (`GenerationRequest.preview_steps`), decoded like
+        `finish` decodes the final latents; the estimate is dropped from the state."""
+        if "preview" not in state.extras:
+            raise ValueError(f"state at step {state.step_index} holds no preview; request one with preview_steps")
+        return to_pil(self._decode_latents(state.extras.pop("preview"), state.request))[0]
 
     # ------------------------------------------------------------------ adapters
 

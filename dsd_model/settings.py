@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -262,6 +263,27 @@ class Settings(BaseSettings):
         660.0, gt=0, description="Shutdown waits this long for running work; longer than the largest deadline."
     )
 
+    # ---- OpenAI Images API (/v1/images/*)
+    image_url_secret: SecretStr | None = Field(
+        None, description="Key signing the URLs of `response_format=url` outputs (HMAC-SHA256; from a Secret). Every "
+        "replica needs the same key to serve the others' URLs. Unset: a random key per process, so a URL works only "
+        "on the replica that made it, and only until it restarts.",
+    )
+    image_url_ttl_s: int = Field(
+        3600, ge=60, le=7 * 86_400, description="Lifetime of an image URL and of the stored image behind it; an hour, "
+        "as OpenAI's own image URLs, so clients written for those fetch in time, while the store holds only an hour "
+        "of outputs.",
+    )
+    image_store_memory_bytes: int = Field(
+        256 * 2**20, ge=2**20, description="Bytes of URL images kept in-process when DSD_REDIS_URL is unset; past it "
+        "the oldest are dropped (their URLs answer 404). 256 MiB hold about 500 PNGs of the official 512 px.",
+    )
+    public_url: str | None = Field(
+        None, description="Scheme, host and path prefix that image URLs start with, as clients reach the service "
+        "(e.g. https://dsd.example.com behind the ingress). Unset: the scheme and Host of the request itself, which "
+        "behind a TLS-terminating proxy is the proxy's plain-HTTP hop.",
+    )
+
     # ---- provenance and safety
     watermark: bool = Field(
         True, description="Embed the invisible DWT-DCT-SVD watermark (service and request tag) in every output of at "
@@ -385,6 +407,16 @@ class Settings(BaseSettings):
             except Exception as exc:
                 raise ValueError("webhook_secret must be `whsec_` followed by base64 (Standard Webhooks format)") from exc
         return secret
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+                raise ValueError(f"public_url must be an http(s) URL without query or fragment, got {url!r}")
+            url = url.rstrip("/")
+        return url
 
     @field_validator("size")
     @classmethod

@@ -431,6 +431,9 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
         return JSONResponse(body.model_dump(), headers={"X-Request-ID": request_id})
 
     add_job_routes(app)
+    from .openai_api import add_openai_routes  # it builds on this module's parsers and error mapping
+
+    add_openai_routes(app)
     return app
 
 

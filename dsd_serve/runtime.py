@@ -246,11 +246,13 @@ class Runtime:
         return enhancement.prompt, notices
 
     async def submit(self, params: GenerateParams, image: bytes, request_id: str | None = None,
-                     priority_class: PriorityClass = "interactive") -> Submission:
+                     priority_class: PriorityClass = "interactive", preview_steps: tuple[int, ...] = (),
+                     output_quality: int | None = None) -> Submission:
         """Validate against the service limits, refuse at once what the engine would refuse, decode the reference
         into the canvas it feeds, enhance the prompt when asked, and queue one engine job per image, ranked by
         `priority_class` (`batch` for queued jobs) and the request's `priority`. Raises `InputError`, `QueueFull` or
-        `Draining` at once."""
+        `Draining` at once. `preview_steps`: steps after which each job emits a `partial` event with a preview
+        (`GenerationRequest.preview_steps`); `output_quality`: JPEG/WebP quality of the outputs (`encode_image`)."""
         arrived = time.monotonic()
         request_id = request_id or uuid.uuid4().hex
         adapter = self.check_limits(params, image)
@@ -281,6 +283,7 @@ class Runtime:
                     adapter=adapter,
                     image_digest=image_digest,
                     exact=params.exact,
+                    preview_steps=preview_steps,
                 )
                 jobs.append(self.engine.submit(request, deadline=arrived + deadline_s, request_id=f"{request_id}-{index}",
                                                priority=priority, priority_class=priority_class))
@@ -290,7 +293,8 @@ class Runtime:
             raise
         claim = Claim(request_id=request_id, model=self.outputs.model_name, adapter=adapter, profile=self.profile,
                       prompt=prompt)
-        finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim)
+        finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim,
+                         quality=output_quality)
         return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived, finish=finish,
                           adapter=adapter,
                           notices=reference.notices + prompt_notices + enhance_notices + priority_notices

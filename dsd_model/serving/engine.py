@@ -9,7 +9,9 @@
 - The preparing thread runs `DSDPipeline.prepare` for the first `prepare_ahead` waiting requests: the request's
   adapter (an adapter store loads it on first use), latent-cache lookups in Redis, VAE encode, prompt encode, noise.
   A request is admitted only once prepared, so none of that stalls the running batches.
-- The finishing thread runs `DSDPipeline.finish` (VAE decode) and resolves each request's future.
+- The finishing thread runs `DSDPipeline.finish` (VAE decode) and resolves each request's future. It also decodes
+  the previews a request asked for (`GenerationRequest.preview_steps`) into `partial` events, before any final
+  decode waiting beside them, so a request's partial images always come before its `done`.
 
 Order: waiting requests are ranked by arrival, shifted by class and priority. Interactive requests (REST, gRPC) rank
 as they arrive; queued jobs rank `jobs_aging_s` later, so an interactive request arriving meanwhile goes first, and a
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import itertools
 import logging
 import math
@@ -98,16 +101,17 @@ class EngineConfig:
 
 @dataclass
 class Event:
-    """A progress event: `queued` (with `position`), `started`, `step` (i of total), `done` or `failed`; `at` is its
-    `time.monotonic()` instant."""
+    """A progress event: `queued` (with `position`), `started`, `step` (i of total), `partial` (the preview `image`
+    after step i of total), `done` or `failed`; `at` is its `time.monotonic()` instant."""
 
-    kind: Literal["queued", "started", "step", "done", "failed"]
+    kind: Literal["queued", "started", "step", "partial", "done", "failed"]
     request_id: str
     position: int = 0
     step: int = 0
     total: int = 0
     error: str = ""
     at: float = field(default_factory=time.monotonic)
+    image: Image.Image | None = None
 
 
 @dataclass
@@ -223,6 +227,8 @@ class Engine:
         """Sorted by `Job.rank`."""
         self._running: list[Job] = []
         self._finishing: deque[Job] = deque()
+        self._previews: deque[tuple[Job, DenoiseState]] = deque()
+        """Jobs with a preview to decode, each with a copy of its state at that step holding the preview."""
         self._lock = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._draining = False
@@ -305,7 +311,7 @@ class Engine:
 
     @property
     def _busy(self) -> bool:
-        return bool(self._waiting or self._running or self._finishing)
+        return bool(self._waiting or self._running or self._finishing or self._previews)
 
     # ------------------------------------------------------------------ admission
 
@@ -401,6 +407,7 @@ class Engine:
             self._waiting.clear()
             self._running.clear()
             self._finishing.clear()
+            self._previews.clear()
             self._stopped = True
             metrics.QUEUE_DEPTH.set(0)
             self._lock.notify_all()
@@ -520,7 +527,10 @@ class Engine:
         for job in stepped:
             job.emit(Event("step", job.request_id, step=job.state.step_index, total=job.state.num_steps))
         failed = [job for job in batch if job not in stepped]
+        previews = [(job, dataclasses.replace(job.state, extras={"preview": job.state.extras.pop("preview")}))
+                    for job in stepped if "preview" in job.state.extras]
         with self._lock:
+            self._previews.extend(previews)
             for job in failed:
                 self._running.remove(job)
             finished = [job for job in self._running if job.state.done]
@@ -600,10 +610,16 @@ class Engine:
 
     # ------------------------------------------------------------------ finishing (the finishing thread)
 
-    def _next_to_finish(self) -> Job | None:
+    def _next_to_finish(self) -> Job | tuple[Job, DenoiseState] | None:
+        if self._previews:
+            return self._previews.popleft()
         return self._finishing[0] if self._finishing else None
 
-    def _finish(self, job: Job) -> None:
+    def _finish(self, work: Job | tuple[Job, DenoiseState]) -> None:
+        if isinstance(work, tuple):
+            self._emit_preview(*work)
+            return
+        job = work
         try:
             image = self.pipe.finish(job.state)
         except Exception:  # a fault while decoding fails this request, never the engine
@@ -618,6 +634,19 @@ class Engine:
             self._request_seconds = run if not self._request_seconds else 0.8 * self._request_seconds + 0.2 * run
             self._settle(job, JobResult(image=image, seed=job.state.seed, request_id=job.request_id,
                                         queue_seconds=job.started - job.submitted, run_seconds=run))
+
+    def _emit_preview(self, job: Job, state: DenoiseState) -> None:
+        """Decode the preview into a `partial` event; the preview of a job that ended (cancelled, expired) is
+        dropped, and a fault while decoding one costs the request that partial image only."""
+        if not job.cancelled.is_set() and not job.future.done():
+            try:
+                image = self.pipe.preview(state)
+            except Exception:
+                logger.exception("decoding the preview of %s after step %d failed", job.request_id, state.step_index)
+            else:
+                job.emit(Event("partial", job.request_id, step=state.step_index, total=state.num_steps, image=image))
+        with self._lock:
+            self._lock.notify_all()
 
     # ------------------------------------------------------------------ outcomes
 

@@ -44,8 +44,9 @@ class OutputStage:
             return []
         return [f"size: {size} px output is below the watermark's {MIN_WATERMARK_SIDE} px minimum; it is not marked"]
 
-    def finish(self, image: Image.Image, output_format: str, claim: Claim) -> bytes:
-        """The encoded, marked and signed image; raises `ContentPolicyError` when the output check withholds it."""
+    def finish(self, image: Image.Image, output_format: str, claim: Claim, quality: int | None = None) -> bytes:
+        """The encoded (`quality` as in `encode_image`), marked and signed image; raises `ContentPolicyError` when
+        the output check withholds it."""
         stage = time.perf_counter()
 
         def timed(name: str) -> None:
@@ -68,7 +69,7 @@ class OutputStage:
                 metrics.WATERMARKS.labels(result="embedded").inc()
                 image = marked
             timed("watermark")
-        data = encode_image(image, output_format)
+        data = encode_image(image, output_format, quality)
         timed("encode")
         data = self.credentials.sign(data, output_format, claim)
         timed("sign")
