@@ -376,6 +376,7 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
             notice=runtime.notice,
             notices=submission.notices,
             enhanced_prompt=submission.enhanced_prompt,
+            **result.identity_json(),
         )
         return JSONResponse(body.model_dump(), headers={"X-Request-ID": request_id})
 
@@ -477,7 +478,7 @@ async def generate_as_job(request: Request, runtime, params: GenerateParams, ima
         images=[base64.b64encode(data).decode("ascii") for data in images],
         format=result["format"], seeds=result["seeds"], mode=result["mode"], size=result["size"],
         profile=result["profile"], request_id=job_id, timings=Timings(**result["timings"]), notice=result["notice"],
-        notices=result.get("notices", []),
+        notices=result.get("notices", []), identity=result.get("identity"), candidates=result.get("candidates"),
     )
     return JSONResponse(body.model_dump(), headers={"X-Request-ID": job_id})
 
