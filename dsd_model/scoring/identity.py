@@ -105,7 +105,7 @@ def open_identity_scorer(settings, profile: str) -> IdentityScorer:
     except FacesUnavailable:
         faces = None
     if settings.identity_encoder_path is not None:
-        subjects = SubjectEmbedder(settings.identity_encoder_path, "cpu")
+        subjects = SubjectEmbedder(settings.identity_encoder_path, settings.resolved_device())
     elif profile == "tiny":
         subjects = tiny_subject_embedder()
     else:
