@@ -78,8 +78,10 @@ class PromptSet:
             raise InputError("judge_prompts", f"the DreamBench++ prompts have no {_files(kind)} (needed for "
                              f"{'style subjects' if kind == 'cp_style' else kind})")
         user, acknowledgement = self.texts[kind]
+        parts = [{"type": "image_url", "image_url": {**part["image_url"], "detail": "high"}}
+                 for part in judge.image_parts(images)]
         return [{"role": "user", "content": user}, {"role": "assistant", "content": acknowledgement},
-                {"role": "user", "content": text + judge.image_parts(images)}]
+                {"role": "user", "content": text + parts}]
 
 
 def parse_dreambench_reply(reply: str) -> judge.JudgeScore:

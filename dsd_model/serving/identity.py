@@ -9,6 +9,7 @@ A request asks for scores with `identity` (the server's default is DSD_IDENTITY_
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from PIL import Image
 from ..errors import InputError
 from ..scoring.identity import IdentityScore, open_identity_scorer
 from ..settings import Settings
+from . import metrics
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,11 @@ class IdentityStage:
     async def select(self, reference: Image.Image, images: list[Image.Image], seeds: list[int],
                      keep: int | None) -> Selection:
         """Score every image; with `keep` (best_of), return the best `keep` (ties in seed order)."""
+        started = time.monotonic()
         scores = await asyncio.get_running_loop().run_in_executor(self._thread, self.scorer.score, reference, images)
+        metrics.IDENTITY_DURATION.observe(time.monotonic() - started)
+        for score in scores:
+            metrics.IDENTITY_SCORES.labels(scorer=score.scorer, status=score.status).inc()
         if keep is None:
             return Selection(list(range(len(images))), scores, None)
         best = sorted(range(len(images)), key=lambda i: scores[i].rank, reverse=True)[:keep]

@@ -92,3 +92,11 @@ WEBHOOK_ATTEMPTS = Counter(
 WEBHOOK_ABANDONED = Counter("dsd_webhook_abandoned_total", "Webhook events given up after DSD_WEBHOOK_RETRY_FOR_S.")
 WEBHOOK_LATENCY = Histogram("dsd_webhook_latency_seconds", "From a job's end to the receiver's 2xx answer.",
                             buckets=SECONDS)
+IDENTITY_SCORES = Counter(
+    "dsd_identity_scores_total", "Images scored against their reference, by scorer (dlib-resnet-v1, dino:<dir>, ...) "
+    "and status (ok, no_face).", ["scorer", "status"],
+)
+IDENTITY_DURATION = Histogram(
+    "dsd_identity_duration_seconds", "Time to score one request's images (every best-of candidate) on the scoring "
+    "thread, waiting for it included.", buckets=SECONDS,
+)

@@ -56,6 +56,8 @@ def test_identity_scores_each_image_and_names_the_scorer(server):
         assert -1 <= score["similarity"] <= 1 and score["distance"] is None
         assert score["note"] == "no face in the reference; scored as a subject"
     assert generate(server)["identity"] is None
+    assert server.metric("dsd_identity_scores_total", scorer="tiny-random-dino", status="ok") >= 2
+    assert server.metric("dsd_identity_duration_seconds_count") >= 1
 
 
 def test_best_of_returns_the_best_in_the_order_of_the_candidates_generated_alone(server):
