@@ -23,6 +23,7 @@ from PIL import Image, ImageColor
 from dsd_model import GenerationRequest, InputError, limits
 from dsd_model.images import Reference, read_reference
 from dsd_model.loading import TINY_NOTICE, adapter_for_mode, load_pipeline
+from dsd_model.scoring.identity import IdentityScore, open_identity_scorer
 from dsd_model.serving import metrics
 from dsd_model.serving.engine import Engine, EngineConfig, Event, Job, JobResult
 from dsd_model.serving.enhance import open_enhancer
@@ -30,7 +31,6 @@ from dsd_model.serving.identity import Candidate, IdentityStage
 from dsd_model.serving.latent_cache import open_latent_cache
 from dsd_model.serving.outputs import OutputStage
 from dsd_model.serving.provenance import Claim
-from dsd_model.scoring.identity import IdentityScore
 from dsd_model.settings import Settings
 
 from .schemas import GenerateParams
@@ -123,7 +123,7 @@ class Submission:
         except BaseException:
             self.cancel(cancel_reason())
             raise
-        timings = dict(queue_seconds=max(r.queue_seconds for r in results),
+        timings = dict(queue_seconds=max(r.queue_seconds for r in results),  # over every best-of candidate
                        run_seconds=max(r.run_seconds for r in results))
         identity = candidates = None
         if self.identity is not None:
@@ -162,7 +162,7 @@ class Runtime:
         )
         self.outputs = OutputStage(self.settings)
         self.enhancer = open_enhancer(self.settings)
-        self.identity = IdentityStage(self.settings, self.profile)
+        self.identity = IdentityStage(self.settings, open_identity_scorer(self.settings, self.profile))
         self._decoder = ThreadPoolExecutor(self.settings.max_concurrent_decodes, thread_name_prefix="dsd-decode")
         """Decodes wait here for a thread, so waiting holds no thread of either transport's event loop."""
 

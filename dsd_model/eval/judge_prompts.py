@@ -40,10 +40,7 @@ class PromptSet:
 
     @property
     def description(self) -> str:
-        if self.comparable:
-            return f"DreamBench++'s own prompts (sha256 {self.digest[:12]}): comparable with published DreamBench++ scores"
-        return (f"this project's prompts {self.name} (sha256 {self.digest[:12]}): not comparable with published "
-                "DreamBench++ scores")
+        return describe(self.record())
 
     def record(self) -> dict:
         """What every judge score records about the prompts that produced it."""
@@ -82,6 +79,15 @@ class PromptSet:
                  for part in judge.image_parts(images)]
         return [{"role": "user", "content": user}, {"role": "assistant", "content": acknowledgement},
                 {"role": "user", "content": text + parts}]
+
+
+def describe(record: dict) -> str:
+    """What a score's prompt set is, from its record (`PromptSet.record`; records before prompt sets name only our
+    version)."""
+    digest = f" (sha256 {record['prompts_digest'][:12]})" if "prompts_digest" in record else ""
+    if record.get("comparable"):
+        return f"DreamBench++'s own prompts{digest}: comparable with published DreamBench++ scores"
+    return f"this project's prompts {record['prompts']}{digest}: not comparable with published DreamBench++ scores"
 
 
 def parse_dreambench_reply(reply: str) -> judge.JudgeScore:
@@ -127,8 +133,7 @@ def resolve_prompts(choice: str, benchmark_root: Path | None) -> PromptSet:
     """`auto`: DreamBench++'s files when the benchmark folder holds them, else ours `v1`; a path: DreamBench++'s
     files there; anything else: the version of ours."""
     if choice == "auto":
-        found = find_dreambench_prompts(benchmark_root) if benchmark_root is not None and benchmark_root.is_dir() \
-            else None
+        found = None if benchmark_root is None else find_dreambench_prompts(benchmark_root)
         return dreambench_prompts(found) if found is not None else our_prompts("v1")
     if "/" in choice or Path(choice).is_dir():
         found = find_dreambench_prompts(Path(choice))

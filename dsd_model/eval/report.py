@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from ..data.manifest import save_png, write_atomic, write_json
 from ..images import center_crop_resize, decode_image
 from .embeddings import COPY_PASTE
+from .judge_prompts import describe
 from .run import read_run
 from .stats import Estimate, bootstrap_mean, bootstrap_product, paired_comparison
 
@@ -80,7 +81,7 @@ def load_items(run_dirs: list[Path]) -> tuple[list[Item], dict[str, Path], list[
             if item is None:
                 continue
             if "prompts" in record:
-                item.prompts[record["metric"]] = _prompt_set(record)
+                item.prompts[record["metric"]] = describe(record)
             if record["status"] == "ok":
                 item.scores[record["metric"]] = record["value"]
             elif record["status"] == "no_face":
@@ -142,14 +143,6 @@ def build_report(run_dirs: list[Path], out_dir: Path, confidence: float = 0.95) 
     if "cp" in metrics and "pf" in metrics:
         _scatter(report, out_dir / "cp_pf.png")
     return report
-
-
-def _prompt_set(record: dict) -> str:
-    """A judge score's prompt set as the report names it (records before prompt sets name only a version)."""
-    digest = f" (sha256 {record['prompts_digest'][:12]})" if "prompts_digest" in record else ""
-    if record.get("comparable"):
-        return f"DreamBench++'s own prompts{digest}: comparable with published DreamBench++ scores"
-    return f"this project's prompts {record['prompts']}{digest}: not comparable with published DreamBench++ scores"
 
 
 def _failures(rows: list[Item]) -> dict[str, int]:

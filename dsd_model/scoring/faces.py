@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 SCORER = "dlib-resnet-v1"
-FACES_EXTRA = "the face scorer needs the `[faces]` extra (pip install 'dsd-serve[faces]': dlib-bin and " \
-              "face-recognition-models)"
+FACES_EXTRA = ("the face scorer needs the `[faces]` extra (pip install 'dsd-serve[faces]': dlib-bin and "
+               "face-recognition-models)")
 DLIB_THRESHOLD = 0.6
 """dlib's decision threshold on the 128-d distance: 99.38 % of LFW pairs are on the right side of it."""
 UPSAMPLE = 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..errors import InputError
-from ..scoring.identity import IdentityScore, open_identity_scorer
+from ..scoring.identity import IdentityScore, IdentityScorer
 from ..settings import Settings
 from . import metrics
 
@@ -46,9 +46,8 @@ class Selection:
 class IdentityStage:
     """The server's identity scorers and the thread they run on."""
 
-    def __init__(self, settings: Settings, profile: str):
-        self.settings = settings
-        self.scorer = open_identity_scorer(settings, profile)
+    def __init__(self, settings: Settings, scorer: IdentityScorer):
+        self.settings, self.scorer = settings, scorer
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="dsd-identity")
 
     def wanted(self, identity: bool | None, best_of: int | None) -> bool:

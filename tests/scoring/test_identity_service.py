@@ -149,9 +149,9 @@ def test_jobs_store_the_scores(server):
 
 
 def test_a_server_without_scorers_refuses_scores_by_field():
-    stage = IdentityStage.__new__(IdentityStage)
-    stage.settings, stage.scorer = Settings(), IdentityScorer(None, None, 0.6)
-    with pytest.raises(InputError, match="cannot score identity: the face scorer needs the `\\[faces\\]` extra") as caught:
+    stage = IdentityStage(Settings(), IdentityScorer(None, None, 0.6))
+    missing = r"cannot score identity: the face scorer needs the `\[faces\]` extra"
+    with pytest.raises(InputError, match=missing) as caught:
         stage.check(True, None, 1)
     assert caught.value.field == "identity"
     with pytest.raises(InputError) as caught:
