@@ -2,6 +2,8 @@
 
 On the tiny profile, references without a face are scored by the random-weight DINOv2 (`tiny-random-dino`); a
 reference with a face (the astronaut) is scored by dlib's face scorer, which finds no face in the noise-like outputs.
+The server checks references and outputs with NudeNet: its face classes make the input check a real-person check
+that needs `consent`, and every output passes its default (nudity) classes.
 """
 
 import base64
@@ -26,7 +28,8 @@ REFERENCE = png_bytes(random_image(96, 80, seed=1))
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = start_service(tmp_path_factory.mktemp("identity"), max_batch_rows="8")
+    server = start_service(tmp_path_factory.mktemp("identity"), max_batch_rows="8", input_check_backend="nudenet",
+                           input_check_labels='["FACE_FEMALE", "FACE_MALE"]', output_check_backend="nudenet")
     try:
         wait_ready(server)
         yield server
@@ -90,8 +93,12 @@ def test_best_of_shares_forwards_and_stays_within_rounding_of_alone(server):
 
 
 def test_a_face_reference_is_scored_by_the_face_scorer(server):
-    document = generate(server, image=base64.b64encode(png_bytes(astronaut())).decode(), size=256, steps=2,
-                        identity=True)
+    face = dict(image=base64.b64encode(png_bytes(astronaut())).decode(), size=256, steps=2, identity=True)
+    refused = httpx.post(f"{server.url}/generate", json=body(**face), timeout=60)
+    assert refused.status_code == 422
+    assert (refused.json()["error"]["code"], refused.json()["error"]["field"]) == ("content_policy", "consent")
+    assert "'FACE_FEMALE'" in refused.json()["error"]["message"]
+    document = generate(server, **face, consent=True)
     (score,) = document["identity"]
     assert score["scorer"] == "dlib-resnet-v1"
     assert (score["status"], score["note"], score["similarity"]) == ("no_face", "no face in the image", None)
