@@ -309,12 +309,18 @@ class Settings(BaseSettings):
         None, description="PEM root certificates that `POST /verify` trusts; unset, a valid signature reports "
         "`Valid` rather than `Trusted`.",
     )
+    output_check_backend: Literal["classifier", "nudenet"] = Field(
+        "classifier", description="What checks outputs: `classifier`, the transformers model at output_check_model "
+        "(unset: no check); `nudenet`, NudeNet's packaged ONNX detector (the `[safety]` extra), which needs no "
+        "model path. `classifier` by default because NudeNet is an optional extra; the gpu overlay sets `nudenet`.",
+    )
     output_check_model: Path | None = Field(
         None, description="Local image-classification model (transformers layout) run on every output, e.g. an NSFW "
         "classifier. Unset: outputs are not checked. Never downloaded.",
     )
-    output_check_labels: list[str] = Field(
-        default_factory=lambda: ["nsfw"], description='Labels of the output model that count as unsafe (JSON list).',
+    output_check_labels: list[str] | None = Field(
+        None, description="Labels of the output check that count as unsafe (JSON list). Unset: the backend's own: "
+        '["nsfw"] for a classifier; for NudeNet its exposed genitalia, breast, buttocks and anus classes.',
     )
     output_check_threshold: float = Field(
         0.5, ge=0, le=1, description="An output is unsafe when an unsafe label scores at least this; 0.5 is the "
@@ -323,17 +329,42 @@ class Settings(BaseSettings):
     output_check_action: Literal["block", "blur"] = Field(
         "block", description="`block` withholds the images (422 content_policy); `blur` returns them blurred.",
     )
+    input_check_backend: Literal["classifier", "nudenet"] = Field(
+        "classifier", description="What checks references, as output_check_backend (NudeNet's FACE_FEMALE and "
+        "FACE_MALE classes make it a real-person check too).",
+    )
     input_check_model: Path | None = Field(
         None, description="Local image-classification model run on every reference, e.g. a face / real-person "
         "detector. Unset: references are not checked.",
     )
-    input_check_labels: list[str] = Field(
-        default_factory=lambda: ["face"], description="Labels of the input model that trigger the input policy.",
+    input_check_labels: list[str] | None = Field(
+        None, description='Labels that trigger the input policy (JSON list). Unset: ["face"] for a classifier, the '
+        "output check's default classes for NudeNet.",
     )
     input_check_threshold: float = Field(0.5, ge=0, le=1, description="As output_check_threshold, for references.")
     input_check_policy: Literal["require_consent", "refuse"] = Field(
         "require_consent", description="A flagged reference needs `consent: true` in the request (`require_consent`) "
         "or is always refused (`refuse`).",
+    )
+
+    # ---- identity scores
+    identity_default: bool = Field(
+        False, description="Score every output against its reference when a request does not say (`identity` "
+        "absent); off because scoring costs CPU time per image (about 0.2 s for a face at 512 px, "
+        "benchmarks/identity.py).",
+    )
+    identity_face_threshold: float = Field(
+        0.6, gt=0, le=2, description="Face distance under which an output shows the reference's person: dlib's own "
+        "threshold for its 128-d descriptors (99.38 % of LFW pairs fall on the right side).",
+    )
+    identity_encoder_path: Path | None = Field(
+        None, description="Local DINOv2 (or CLIP) directory, transformers layout, that scores references without a "
+        "face. Unset: the tiny profile uses its random encoder (labelled `tiny-random-dino`), the real profile scores "
+        "faces only. Never downloaded.",
+    )
+    max_best_of: int = Field(
+        8, ge=1, le=16, description="Largest `best_of`: each candidate is one engine request, so 8 fill one batch of "
+        "max_batch_rows (8) one-row requests.",
     )
 
     # ---- asynchronous jobs

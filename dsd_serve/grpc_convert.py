@@ -22,7 +22,7 @@ FORMATS = {pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_JPEG: "jpeg", pb.OUTPUT
 MODE_VALUES = {name: value for value, name in MODES.items()}
 FORMAT_VALUES = {name: value for value, name in FORMATS.items()}
 OPTIONAL_FIELDS = ("steps", "guidance", "image_guidance", "text_guidance", "seed", "size", "num_images", "consent",
-                   "exact", "enhance_prompt", "priority")
+                   "exact", "enhance_prompt", "priority", "identity", "best_of")
 """Fields whose absence means the default; the others default when they hold proto3's zero value."""
 
 
@@ -72,7 +72,20 @@ def to_response(result: GenerationResult, submission: Submission, runtime: Runti
         notices=submission.notices,
         enhanced_prompt=submission.enhanced_prompt or "",
         adapter=submission.adapter or "",
+        **identity_fields(result.identity_json()),
     )
+
+
+def identity_fields(scores: dict) -> dict:
+    """`identity` and `candidates` of a response from their JSON values (`GenerationResult.identity_json`, or a job
+    result)."""
+
+    def score(value: dict) -> pb.IdentityScore:
+        return pb.IdentityScore(**{key: item for key, item in value.items() if item is not None})
+
+    return {"identity": [score(value) for value in scores.get("identity") or []],
+            "candidates": [pb.BestOfCandidate(seed=c["seed"], identity=score(c["identity"]), returned=c["returned"])
+                           for c in scores.get("candidates") or []]}
 
 
 def to_result_event(result: GenerationResult, submission: Submission, runtime: Runtime) -> pb.GenerateEvent:
@@ -110,7 +123,7 @@ def to_job(view: dict, images: list[bytes] | None = None) -> pb.Job:
             images=images, format=FORMAT_VALUES[result["format"]], seeds=result["seeds"],
             mode=MODE_VALUES.get(result["mode"], pb.MODE_UNSPECIFIED), size=result["size"], profile=result["profile"],
             request_id=view["id"], timings=pb.Timings(**result["timings"]), notice=result["notice"] or "",
-            notices=result.get("notices", []), adapter=result.get("adapter") or "",
+            notices=result.get("notices", []), adapter=result.get("adapter") or "", **identity_fields(result),
         ))
     return job
 

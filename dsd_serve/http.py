@@ -380,6 +380,7 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
             notice=runtime.notice,
             notices=submission.notices,
             enhanced_prompt=submission.enhanced_prompt,
+            **result.identity_json(),
         )
         return JSONResponse(body.model_dump(), headers={"X-Request-ID": request_id})
 
@@ -504,7 +505,7 @@ async def generate_as_job(request: Request, runtime, params: GenerateParams, ima
         format=result["format"], seeds=result["seeds"], mode=result["mode"], adapter=result.get("adapter"),
         size=result["size"],
         profile=result["profile"], request_id=job_id, timings=Timings(**result["timings"]), notice=result["notice"],
-        notices=result.get("notices", []),
+        notices=result.get("notices", []), identity=result.get("identity"), candidates=result.get("candidates"),
     )
     return JSONResponse(body.model_dump(), headers={"X-Request-ID": job_id})
 

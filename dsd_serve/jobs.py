@@ -296,7 +296,7 @@ class Worker:
                    "profile": self.runtime.profile,
                    "notice": self.runtime.notice, "notices": submission.notices,
                    "timings": {"queue_s": result.queue_seconds, "run_s": result.run_seconds,
-                               "total_s": result.total_seconds}}
+                               "total_s": result.total_seconds}, **result.identity_json()}
         await self._finish(claim, "succeeded", {"result": json.dumps(summary), "step": total, "total": total},
                            result.images)
 

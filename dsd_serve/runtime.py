@@ -23,10 +23,12 @@ from PIL import Image, ImageColor
 from dsd_model import GenerationRequest, InputError, limits
 from dsd_model.images import Reference, read_reference
 from dsd_model.loading import MODES, TINY_NOTICE, adapter_for_mode, load_pipeline
+from dsd_model.scoring.identity import IdentityScore, open_identity_scorer
 from dsd_model.serving import metrics
 from dsd_model.serving.adapter_store import AdapterInfo, AdapterStore
 from dsd_model.serving.engine import Engine, EngineConfig, Event, Job, JobResult, PriorityClass
 from dsd_model.serving.enhance import open_enhancer
+from dsd_model.serving.identity import Candidate, IdentityStage
 from dsd_model.serving.latent_cache import open_latent_cache
 from dsd_model.serving.outputs import OutputStage
 from dsd_model.serving.provenance import Claim
@@ -64,11 +66,20 @@ class GenerationResult:
     queue_seconds: float
     run_seconds: float
     total_seconds: float
+    identity: list[IdentityScore] | None = None
+    """The identity score of each image, when the request asked for scores."""
+    candidates: list[Candidate] | None = None
+    """Every candidate of a best-of request with its score, in seed order."""
+
+    def identity_json(self) -> dict:
+        """`identity` and `candidates` as JSON values (None when not scored), for responses and job results."""
+        return {"identity": None if self.identity is None else [score.to_dict() for score in self.identity],
+                "candidates": None if self.candidates is None else [c.to_dict() for c in self.candidates]}
 
 
 @dataclass
 class Submission:
-    """The engine jobs of one transport request (one per requested image)."""
+    """The engine jobs of one transport request (one per requested image, or per candidate under best_of)."""
 
     params: GenerateParams
     size: int
@@ -84,6 +95,10 @@ class Submission:
     """The prompt the jobs generate from when enhancement replaced `params.prompt`."""
     adapter: str | None = None
     """The adapter the images are generated with (named by the request or selected by its mode)."""
+    reference: Image.Image | None = None
+    """The reference as the model saw it: what identity scores compare with."""
+    identity: IdentityStage | None = None
+    """Set when the request wants identity scores."""
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Cancel every job; `reason` as in `Job.cancel`."""
@@ -120,14 +135,24 @@ class Submission:
         except BaseException:
             self.cancel(cancel_reason())
             raise
+        timings = dict(queue_seconds=max(r.queue_seconds for r in results),  # over every best-of candidate
+                       run_seconds=max(r.run_seconds for r in results))
+        identity = candidates = None
+        if self.identity is not None:
+            keep = self.params.num_images if self.params.best_of is not None else None
+            selection = await self.identity.select(self.reference, [r.image for r in results],
+                                                   [r.seed for r in results], keep)
+            results = [results[i] for i in selection.indices]
+            identity, candidates = selection.identity, selection.candidates
         images = await asyncio.to_thread(lambda: [self.finish(r.image) for r in results])
         return GenerationResult(
             images=images,
             seeds=[r.seed for r in results],
             request_id=self.request_id,
-            queue_seconds=max(r.queue_seconds for r in results),
-            run_seconds=max(r.run_seconds for r in results),
             total_seconds=time.monotonic() - self.arrived,
+            identity=identity,
+            candidates=candidates,
+            **timings,
         )
 
 
@@ -154,6 +179,7 @@ class Runtime:
         )
         self.outputs = OutputStage(self.settings)
         self.enhancer = open_enhancer(self.settings)
+        self.identity = IdentityStage(self.settings, open_identity_scorer(self.settings, self.profile))
         self._decoder = ThreadPoolExecutor(self.settings.max_concurrent_decodes, thread_name_prefix="dsd-decode")
         """Decodes wait here for a thread, so waiting holds no thread of either transport's event loop."""
 
@@ -172,6 +198,7 @@ class Runtime:
         drained = self.engine.drain(timeout=self.settings.drain_timeout_s)
         if self.enhancer is not None:
             self.enhancer.close()
+        self.identity.close()
         return drained
 
     def check_limits(self, params: GenerateParams, image: bytes) -> str | None:
@@ -184,6 +211,7 @@ class Runtime:
             raise InputError("deadline_s", f"{deadline_s} exceeds the limit of {self.settings.max_deadline_s} s")
         if len(image) > self.settings.max_upload_bytes:
             raise InputError("image", f"{len(image)} bytes exceeds the limit of {self.settings.max_upload_bytes}")
+        self.identity.check(params.identity, params.best_of, params.num_images)
         if params.adapter is not None:
             if params.mode is not None:
                 raise InputError("adapter", "cannot be given together with `mode`; name the adapter, or the mode that "
@@ -269,7 +297,7 @@ class Runtime:
         first_seed = params.seed if params.seed is not None else secrets.randbelow(limits.MAX_SEED)
         jobs: list[Job] = []
         try:
-            for index in range(params.num_images):
+            for index in range(self.identity.candidates(params.num_images, params.best_of)):
                 request = GenerationRequest(
                     image=reference.image,
                     prompt=prompt,
@@ -295,11 +323,13 @@ class Runtime:
                       prompt=prompt)
         finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim,
                          quality=output_quality)
+        scored = self.identity.wanted(params.identity, params.best_of)
         return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived, finish=finish,
                           adapter=adapter,
                           notices=reference.notices + prompt_notices + enhance_notices + priority_notices
-                          + self.outputs.notices(size),
-                          enhanced_prompt=enhanced_prompt)
+                          + self.outputs.notices(size) + (self.identity.notices() if scored else []),
+                          enhanced_prompt=enhanced_prompt, reference=reference.image,
+                          identity=self.identity if scored else None)
 
     def priority(self, params: GenerateParams) -> tuple[int, list[str]]:
         """The request's priority as the engine ranks it, and a notice when the server ignores it."""

@@ -51,9 +51,19 @@ class GenerateParams(BaseModel):
     )
     background: Annotated[str, Field(pattern=r"^#[0-9a-fA-F]{6}$", description="colour that transparent parts of "
                                      "the reference are composited on, #rrggbb")] = "#ffffff"
+    identity: bool | None = Field(
+        None, description="score each image against the reference (`identity` in the response): face distance "
+        "when the reference shows a face, else subject similarity; absent: the server's default "
+        "(DSD_IDENTITY_DEFAULT)",
+    )
+    best_of: Annotated[int, Field(ge=1, le=16)] | None = Field(
+        None, description="generate this many candidates (seeds `seed` to `seed + best_of - 1`), score each against "
+        "the reference and return the best `num_images`, best first, with every candidate's score in `candidates`; "
+        "at least num_images, at most DSD_MAX_BEST_OF (8). Each returned seed regenerates its image alone",
+    )
 
     @field_validator("steps", "guidance", "image_guidance", "text_guidance", "seed", "size", "num_images",
-                     "deadline_s", "priority", mode="before")
+                     "deadline_s", "priority", "best_of", mode="before")
     @classmethod
     def _refuse_booleans(cls, value):
         if isinstance(value, bool):
@@ -96,6 +106,27 @@ class Timings(BaseModel):
     total_s: float
 
 
+class IdentityScore(BaseModel):
+    """How well one image keeps the reference's subject (`dsd_model.scoring.identity.IdentityScore`)."""
+
+    scorer: str = Field(description="what made the score: `dlib-resnet-v1` (faces), `dino:<dir>` / `clip-i:<dir>` "
+                        "(subjects), `tiny-random-dino` (the tiny profile's random encoder: meaningless numbers)")
+    status: Literal["ok", "no_face"] = Field(description="`no_face`: no face in the reference or the image (see "
+                                             "`note`); no number then")
+    similarity: float | None = Field(None, description="cosine of the two embeddings (1: the same)")
+    distance: float | None = Field(None, description="faces: distance of the 128-d face descriptors (0: the same "
+                                   "face)")
+    threshold: float | None = Field(None, description="faces: distance under which it is the same person (0.6)")
+    match: bool | None = Field(None, description="faces: distance < threshold")
+    note: str | None = Field(None, description="e.g. that several faces were found and the largest was scored")
+
+
+class Candidate(BaseModel):
+    seed: int
+    identity: IdentityScore
+    returned: bool = Field(description="among the returned images")
+
+
 class GenerateResponse(BaseModel):
     images: list[str] = Field(description="generated images, base64, in `format`")
     format: OutputFormat
@@ -115,6 +146,13 @@ class GenerateResponse(BaseModel):
     enhanced_prompt: str | None = Field(
         None, description="the prompt the images were generated from when prompt enhancement replaced the request's "
         "prompt; null when the request's prompt was used as given",
+    )
+    identity: list[IdentityScore] | None = Field(
+        None, description="the identity score of each image against the reference, in the order of `images`; null "
+        "unless the request asked for scores (`identity` or `best_of`)",
+    )
+    candidates: list[Candidate] | None = Field(
+        None, description="best_of: every candidate's seed and score, in seed order; null without best_of",
     )
 
 

@@ -547,3 +547,10 @@ def test_job_pods_run_locked_down():
             assert {"cpu", "memory"} <= box["resources"]["requests"].keys() and "memory" in box["resources"]["limits"]
             assert "/tmp" in {mount["mountPath"] for mount in box["volumeMounts"] if "emptyDir" in
                               volumes[mount["name"]]}
+
+
+def test_the_gpu_overlay_checks_outputs_with_nudenet_and_the_tiny_profile_does_not(monkeypatch):
+    assert settings_of("gpu", monkeypatch).output_check_backend == "nudenet"
+    tiny = settings_of("dev", monkeypatch)
+    assert tiny.resolved_profile == "tiny" and tiny.output_check_backend == "classifier"
+    assert tiny.output_check_model is None

@@ -21,7 +21,8 @@ def pins(lines) -> dict[str, str]:
 
 def test_serve_requirements_match_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = pins(project["dependencies"] + project["optional-dependencies"]["serve"])
+    extras = project["optional-dependencies"]
+    declared = pins(project["dependencies"] + extras["serve"] + extras["faces"] + extras["safety"])
     declared["torch"] = next(d for d in project["optional-dependencies"]["dev"] if d.startswith("torch=="))
     required = pins((ROOT / "requirements" / "serve.txt").read_text().splitlines())
     assert required == declared

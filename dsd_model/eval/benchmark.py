@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -56,6 +56,8 @@ class Case:
 class Benchmark:
     subjects: dict[str, Subject]
     cases: list[Case]
+    root: Path | None = field(default=None, compare=False)
+    """The benchmark's folder (a JSONL file's folder), where DreamBench++ prompt files are looked for."""
 
     def category(self, case: Case) -> str:
         return self.subjects[case.subject].category
@@ -85,7 +87,7 @@ def read_benchmark(
     ](path)
     if not benchmark.cases:
         raise InputError("benchmark", f"{str(path)!r} ({layout}) has no prompts")
-    return benchmark
+    return replace(benchmark, root=path if path.is_dir() else path.parent)
 
 
 def _detect(path: Path) -> str:

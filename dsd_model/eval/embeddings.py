@@ -4,8 +4,9 @@
     clip_i   cosine of the CLIP image embeddings of the reference and the image
     clip_t   cosine of the CLIP image embedding and the CLIP text embedding of the prompt
 
-and the copy-paste check: an image whose DINO similarity to its reference reaches `copy_paste_dino`, or whose mean
-absolute pixel difference from it (64 px greyscale, 0-1) is at most `copy_paste_pixel`, is flagged. Reports give
+and the copy-paste check: an image whose DINO similarity to its reference reaches `copy_paste_dino`, whose face
+distance to it (`dsd_model.scoring.faces`) is at most `copy_paste_face`, or whose mean absolute pixel difference from
+it (64 px greyscale, 0-1) is at most `copy_paste_pixel`, is flagged. Reports give
 every score with and without the flagged images, since a copied reference scores perfectly on identity.
 """
 
@@ -81,17 +82,22 @@ def pixel_difference(reference: Image.Image, image: Image.Image) -> float:
     return float(np.abs(a - b).mean())
 
 
-def copy_paste_verdict(dino: float | None, pixels: float, dino_threshold: float, pixel_threshold: float):
-    """(flagged, reason) for one image from its DINO similarity to the reference (None without DINO) and its pixel
-    difference."""
+def copy_paste_verdict(dino: float | None, pixels: float, dino_threshold: float, pixel_threshold: float,
+                       face: float | None = None, face_threshold: float = 0.0):
+    """(flagged, reason) for one image from its DINO similarity to the reference (None without DINO), its pixel
+    difference and its face distance to the reference (None without a face on both sides or without the face
+    scorer)."""
     reasons = []
     if dino is not None and dino >= dino_threshold:
         reasons.append(f"DINO similarity {dino:.4f} >= {dino_threshold}")
+    if face is not None and face <= face_threshold:
+        reasons.append(f"face distance {face:.4f} <= {face_threshold}")
     if pixels <= pixel_threshold:
         reasons.append(f"pixel difference {pixels:.4f} <= {pixel_threshold}")
     if reasons:
         return True, "copy of the reference: " + "; ".join(reasons)
     shown = f"DINO similarity {dino:.4f} < {dino_threshold}, " if dino is not None else ""
+    shown += f"face distance {face:.4f} > {face_threshold}, " if face is not None else ""
     return False, f"{shown}pixel difference {pixels:.4f} > {pixel_threshold}"
 
 

@@ -54,10 +54,14 @@ def parse_score(reply: dict) -> JudgeScore:
     return JudgeScore(score / SCALE_MAX, score, str(reply.get("reason", "")).strip())
 
 
+def image_parts(images: list[bytes]) -> list[dict]:
+    """PNG images as parts of a chat message."""
+    return [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+            for png in images]
+
+
 def _messages(text: str, images: list[bytes]) -> list[dict]:
-    content = [{"type": "text", "text": text}]
-    content += [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
-                for png in images]
+    content = [{"type": "text", "text": text}, *image_parts(images)]
     return [
         {"role": "system", "content": "You are a careful, consistent judge of generated images."},
         {"role": "user", "content": content},

@@ -23,11 +23,12 @@ from PIL import Image, ImageDraw
 from ..data.manifest import save_png, write_atomic, write_json
 from ..images import center_crop_resize, decode_image
 from .embeddings import COPY_PASTE
+from .judge_prompts import describe
 from .run import read_run
 from .stats import Estimate, bootstrap_mean, bootstrap_product, paired_comparison
 
 CP_PF = "cp·pf"
-METRIC_ORDER = ("cp", "pf", CP_PF, "dino", "clip_i", "clip_t")
+METRIC_ORDER = ("cp", "pf", CP_PF, "face_id", "dino", "clip_i", "clip_t")
 THUMBNAIL = 128
 LABEL_HEIGHT = 16
 
@@ -44,6 +45,10 @@ class Item:
     path: Path
     scores: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    no_face: set[str] = field(default_factory=set)
+    """Metrics not scored because the reference or the image shows no face."""
+    prompts: dict[str, str] = field(default_factory=dict)
+    """The judge prompt set of each judge metric (`judge_prompts.PromptSet.description`)."""
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -75,8 +80,12 @@ def load_items(run_dirs: list[Path]) -> tuple[list[Item], dict[str, Path], list[
             item = by_id.get(record["generation"])
             if item is None:
                 continue
+            if "prompts" in record:
+                item.prompts[record["metric"]] = describe(record)
             if record["status"] == "ok":
                 item.scores[record["metric"]] = record["value"]
+            elif record["status"] == "no_face":
+                item.no_face.add(record["metric"])
             else:
                 item.failures[record["metric"]] = record["reason"]
         items += by_id.values()
@@ -118,6 +127,9 @@ def build_report(run_dirs: list[Path], out_dir: Path, confidence: float = 0.95) 
         "flagged": {c: sum(i.flagged for i in rows) for c, rows in by_contender.items()},
         "images": {c: len(rows) for c, rows in by_contender.items()},
         "failures": {c: _failures(rows) for c, rows in by_contender.items()},
+        "no_face": {c: sum("face_id" in i.no_face for i in rows) for c, rows in by_contender.items()},
+        "judge_prompts": {c: {m: sorted({i.prompts[m] for i in rows if m in i.prompts}) for m in ("cp", "pf")
+                              if any(m in i.prompts for i in rows)} for c, rows in by_contender.items()},
         "categories": {cat: table({c: [i for i in rows if i.category == cat] for c, rows in by_contender.items()})
                        for cat in categories},
         "comparisons": _comparisons(by_contender, contenders, metrics, confidence),
@@ -180,6 +192,13 @@ def _markdown(report: dict) -> str:
              f"Each cell: mean [{level} bootstrap interval] (n). Scores are in [0, 1]; CP and PF are the judge's "
              "0-4 scores / 4; CP·PF is the product of the means.", "", "## All images", ""]
     lines += _table(report["all"], report["metrics"])
+    if any(report["no_face"].values()):
+        counts = ", ".join(f"{c}: {n} of {report['images'][c]}" for c, n in report["no_face"].items())
+        lines += ["", f"face_id: no face in the reference or the image (not scored, not counted as 0): {counts}."]
+    sets = [f"- {c} {m}: {'; '.join(names)}" for c, metrics in report["judge_prompts"].items()
+            for m, names in metrics.items()]
+    if sets:
+        lines += ["", "## Judge prompts", "", "Which instructions produced each judge score:", ""] + sets
     flagged = ", ".join(f"{c}: {n} of {report['images'][c]}" for c, n in report["flagged"].items())
     lines += ["", "## Without copy-paste-flagged images", "", f"Flagged as copies of the reference: {flagged}.", ""]
     lines += _table(report["unflagged"], report["metrics"])

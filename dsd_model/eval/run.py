@@ -30,9 +30,12 @@ from ..data.manifest import Manifest, StageReport, save_png, write_json
 from ..errors import InputError
 from ..images import center_crop_resize, decode_image
 from ..settings import resolve_device
+from ..scoring.faces import DLIB_THRESHOLD, FaceEmbedder, FacesUnavailable
+from ..scoring.identity import IdentityScore, face_score
 from . import embeddings, judge
 from .benchmark import Benchmark, Case, read_benchmark
 from .contenders import Contender, GenerationParams, build_contenders
+from .judge_prompts import resolve_prompts
 from .settings import EvalSettings
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ REASONS = {
     "clip_i": "cosine of the CLIP image embeddings of the reference and the image",
     "clip_t": "cosine of the CLIP embeddings of the image and the prompt",
 }
+FACE_ID = "face_id"
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,8 @@ def run_eval(settings: EvalSettings, benchmark_path: str | Path, contenders: dic
     """Generate and score; `load_local()` builds the local contenders' pipeline (default: from `Settings()`)."""
     if not contenders:
         raise InputError("contender", "name at least one contender, e.g. --contender dsd=local")
-    _checked_judge(settings)
     benchmark = read_benchmark(benchmark_path, settings.benchmark_format)
+    _checked_judge(settings, benchmark)
     params = GenerationParams(settings.steps, settings.guidance, settings.size, settings.service_timeout_s,
                               settings.service_api_key.get_secret_value() if settings.service_api_key else None)
     _record_run(settings, benchmark, contenders, params)
@@ -99,9 +103,10 @@ def score_images(settings: EvalSettings, benchmark: Benchmark) -> StageReport:
     generations = list(Manifest(settings.run_dir / GENERATIONS_FILE).records().values())
     manifest = Manifest(settings.run_dir / SCORES_FILE)
     done = set(manifest.records())
+    faces = _face_embedder(settings)
     local = (("dino",) if settings.dino_path else ()) + (("clip_i", "clip_t") if settings.clip_path else ())
-    local += (embeddings.COPY_PASTE,)
-    endpoint = _checked_judge(settings)
+    local += ((FACE_ID,) if faces else ()) + (embeddings.COPY_PASTE,)
+    endpoint, prompts = _checked_judge(settings, benchmark)
     remote = judge.METRICS if endpoint else ()
     todo_local = [g for g in generations if any(f"{m}:{g['id']}" not in done for m in local)]
     todo_judge = [(m, g) for g in generations for m in remote if f"{m}:{g['id']}" not in done]
@@ -110,7 +115,7 @@ def score_images(settings: EvalSettings, benchmark: Benchmark) -> StageReport:
     total = len(generations) * (len(local) + len(remote))
     scored = len(todo_local) * len(local) + len(todo_judge)
     cases = {case.id: case for case in benchmark.cases}
-    references = _References(settings.size)
+    references = _References(settings.size, faces)
     failed = 0
     with tqdm(total=scored, desc="score", unit="score") as bar:
         for start in range(0, len(todo_local), settings.embed_batch_size):
@@ -120,25 +125,54 @@ def score_images(settings: EvalSettings, benchmark: Benchmark) -> StageReport:
                     manifest.append(record)
             bar.update(len(chunk) * len(local))
         if todo_judge:
-            failed = _judge_scores(settings, benchmark, cases, endpoint, references, todo_judge, manifest, bar)
+            failed = _judge_scores(settings, benchmark, cases, endpoint, prompts, references, todo_judge, manifest,
+                                   bar)
     return StageReport("score", scored, total - scored, failed)
 
 
-def _checked_judge(settings: EvalSettings):
-    """The judge's endpoint (None without a judge), once its instructions are known to exist."""
+def _checked_judge(settings: EvalSettings, benchmark: Benchmark) -> tuple:
+    """The judge's endpoint and prompt set ((None, None) without a judge), once the prompts are known to exist."""
     endpoint = settings.judge_endpoint()
-    if endpoint is not None:
-        for metric in judge.METRICS:
-            judge.instructions(metric, settings.judge_prompts)
-    return endpoint
+    if endpoint is None:
+        return None, None
+    prompts = resolve_prompts(settings.judge_prompts, benchmark.root)
+    if prompts.comparable and "cp_style" not in prompts.texts and any(
+            subject.category == "style" for subject in benchmark.subjects.values()):
+        raise InputError("judge_prompts", "the benchmark has style subjects, and the DreamBench++ prompts lack "
+                         "user_prompt_style_full.txt / gpt_prompt_style_full.txt")
+    logger.info("judge prompts: %s", prompts.description)
+    return endpoint, prompts
+
+
+def _face_embedder(settings: EvalSettings) -> FaceEmbedder | None:
+    """dlib's face scorer for `face_id`: when the `[faces]` extra is installed (`face_id` unset), or required."""
+    if settings.face_id is False:
+        return None
+    try:
+        return FaceEmbedder()
+    except FacesUnavailable as exc:
+        if settings.face_id:
+            raise InputError("face_id", str(exc)) from exc
+        logger.warning("no face_id scores: %s", exc)
+        return None
 
 
 class _References:
-    """Each subject's reference as the model sees it (centre square at the run's size), decoded once."""
+    """Each subject's reference as the model sees it (centre square at the run's size), decoded once, with its
+    largest face when a face embedder is given."""
 
-    def __init__(self, size: int):
-        self.size, self._images, self._pngs = size, {}, {}
+    def __init__(self, size: int, faces: FaceEmbedder | None = None):
+        self.size, self._images, self._pngs, self._faces = size, {}, {}, {}
+        self.embedder = faces
         self._lock = threading.Lock()
+
+    def face_score(self, path: Path, image: Image.Image) -> IdentityScore:
+        """The face score of `image` against the reference at `path` (whose face is detected once)."""
+        reference = self(path)
+        with self._lock:
+            if path not in self._faces:
+                self._faces[path] = self.embedder.face(reference)
+        return face_score(self._faces[path], self.embedder.face(image), DLIB_THRESHOLD)
 
     def __call__(self, path: Path) -> Image.Image:
         with self._lock:
@@ -158,7 +192,8 @@ class _References:
 
 
 def _embedding_scores(settings, benchmark, cases, encoders, references, chunk) -> list[dict]:
-    refs = [references(benchmark.subjects[g["subject"]].image) for g in chunk]
+    paths = [benchmark.subjects[g["subject"]].image for g in chunk]
+    refs = [references(path) for path in paths]
     images = [_open(settings.run_dir / g["path"]) for g in chunk]
     prompts = [cases[f"{g['subject']}/{g['index']}"].prompt for g in chunk]
     scores = encoders.score(refs, images, prompts)
@@ -166,38 +201,51 @@ def _embedding_scores(settings, benchmark, cases, encoders, references, chunk) -
     for i, generation in enumerate(chunk):
         for metric, values in scores.items():
             records.append(_record(metric, generation, values[i], REASONS[metric]))
+        face = references.face_score(paths[i], images[i]) if references.embedder is not None else None
+        if face is not None:
+            records.append(_face_record(generation, face))
         dino = scores["dino"][i] if "dino" in scores else None
         flagged, reason = embeddings.copy_paste_verdict(
-            dino, embeddings.pixel_difference(refs[i], images[i]), settings.copy_paste_dino, settings.copy_paste_pixel
+            dino, embeddings.pixel_difference(refs[i], images[i]), settings.copy_paste_dino, settings.copy_paste_pixel,
+            face.distance if face is not None else None, settings.copy_paste_face,
         )
         records.append(_record(embeddings.COPY_PASTE, generation, float(flagged), reason))
     return records
 
 
-def _judge_scores(settings, benchmark, cases, endpoint, references, todo, manifest, bar) -> int:
-    version = settings.judge_prompts
+def _face_record(generation: dict, face: IdentityScore) -> dict:
+    if face.status != "ok":
+        return {"id": f"{FACE_ID}:{generation['id']}", "generation": generation["id"], "metric": FACE_ID,
+                "status": "no_face", "reason": face.note, "scorer": face.scorer}
+    verdict = "the same person" if face.match else "another person"
+    reason = (f"cosine of the {face.scorer} face descriptors; distance {face.distance:.4f} "
+              f"({verdict} by the {face.threshold} threshold)")
+    return _record(FACE_ID, generation, face.similarity, reason, distance=face.distance, match=face.match,
+                   scorer=face.scorer)
 
+
+def _judge_scores(settings, benchmark, cases, endpoint, prompts, references, todo, manifest, bar) -> int:
     def ask(item):
         metric, generation = item
         image = (settings.run_dir / generation["path"]).read_bytes()
         case = cases[f"{generation['subject']}/{generation['index']}"]
         if metric == "cp":
             subject = benchmark.subjects[case.subject]
-            messages = judge.cp_messages(references.png(subject.image), image, subject.category, version)
+            messages = prompts.cp_messages(references.png(subject.image), image, subject.category)
         else:
-            messages = judge.pf_messages(image, case.prompt, version)
-        return client.ask_json(messages, judge.parse_score, settings.max_reply_attempts)
+            messages = prompts.pf_messages(image, case.prompt)
+        return prompts.ask(client, messages, settings.max_reply_attempts)
 
     failed = 0
     with ChatClient(endpoint, settings) as client:
         for (metric, generation), future in map_unordered(ask, todo, settings.concurrency):
             try:
                 score = future.result()
-                record = _record(metric, generation, score.value, score.reason, raw=score.raw, prompts=version)
+                record = _record(metric, generation, score.value, score.reason, raw=score.raw, **prompts.record())
             except (MalformedReply, ChatRejected) as exc:
                 logger.warning("%s of %s failed: %s", metric, generation["id"], exc)
                 record = {"id": f"{metric}:{generation['id']}", "generation": generation["id"], "metric": metric,
-                          "status": "failed", "reason": str(exc), "prompts": version}
+                          "status": "failed", "reason": str(exc), **prompts.record()}
                 failed += 1
             manifest.append(record)
             bar.update()

@@ -49,8 +49,11 @@ class EvalSettings(ChatSettings):
     judge_temperature: float = Field(0.0, ge=0, le=2, description="A judge should answer the same way every time.")
     judge_max_tokens: int = Field(2048, ge=16, description="Room for the chain of thought before the score.")
     judge_prompts: str = Field(
-        "v1", description="Version of the judge instructions (prompts/cp_<v>.txt and pf_<v>.txt); recorded per "
-        "score so scores of different versions are never mixed unknowingly."
+        "auto", description="The judge's instructions. A path: DreamBench++'s own prompt files, from a checkout of "
+        "its repository (or its prompts folder), read as its scripts read them, so CP and PF are comparable with "
+        "published DreamBench++ tables. A version (`v1`): ours (prompts/cp_<v>.txt, pf_<v>.txt), not comparable. "
+        "`auto`: DreamBench++'s files when the benchmark folder holds them, else `v1`. Every score records the set "
+        "and its file digest, so scores of different prompts are never mixed unknowingly."
     )
     dino_path: Path | None = Field(
         None, description="Local DINOv2 directory (transformers layout, e.g. facebook/dinov2-base) for the DINO "
@@ -65,6 +68,15 @@ class EvalSettings(ChatSettings):
     copy_paste_dino: float = Field(
         0.95, gt=0, le=1, description="DINO similarity to the reference at or above which an image counts as a copy: "
         "photos of one subject in new scenes stay well below it, a pasted reference sits near 1."
+    )
+    face_id: bool | None = Field(
+        None, description="The face_id score (cosine of dlib's face descriptors, with their distance) of images whose "
+        "reference shows a face. Unset: when the `[faces]` extra is installed; true: required; false: off."
+    )
+    copy_paste_face: float = Field(
+        0.15, ge=0, le=2, description="Face distance to the reference at or below which an image counts as a copy: "
+        "the reference re-encoded as JPEG q75 measures 0.09 and colour-jittered 0.11, while dlib puts two "
+        "photographs of one person at 0.3-0.6 (benchmarks/identity.py)."
     )
     copy_paste_pixel: float = Field(
         0.02, ge=0, le=1, description="Mean absolute pixel difference (0-1, at 64 px grey) at or below which an "

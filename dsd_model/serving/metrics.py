@@ -127,3 +127,11 @@ ENGINE_FAILURES = Counter(
     "dsd_engine_failures_total", "Engine threads that died of an unexpected fault, by thread; the replica then fails "
     "its liveness probe and is restarted.", ["thread"],
 )
+IDENTITY_SCORES = Counter(
+    "dsd_identity_scores_total", "Images scored against their reference, by scorer (dlib-resnet-v1, dino:<dir>, ...) "
+    "and status (ok, no_face).", ["scorer", "status"],
+)
+IDENTITY_DURATION = Histogram(
+    "dsd_identity_duration_seconds", "Time to score one request's images (every best-of candidate) on the scoring "
+    "thread, waiting for it included.", buckets=SECONDS,
+)

@@ -8,9 +8,12 @@ from dsd_model.eval.random_encoders import write_random_encoders
 
 @pytest.fixture(autouse=True)
 def _no_eval_env(monkeypatch):
+    """No `DSD_EVAL_*` from outside; face_id off, since the noise benchmarks here show no faces
+    (test_eval_face_id.py scores photographs)."""
     for name in list(os.environ):
         if name.startswith("DSD_EVAL_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("DSD_EVAL_FACE_ID", "false")
 
 
 @pytest.fixture(scope="session")
