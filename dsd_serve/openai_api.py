@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KNOBS = ("prompt", "output_format", "seed", "steps", "guidance", "image_guidance", "text_guidance", "negative_prompt",
-         "exact", "enhance_prompt", "consent")
+         "exact", "enhance_prompt", "consent", "identity", "best_of", "priority")
 """Fields passed to `GenerateParams` as they are: OpenAI's `prompt` and `output_format`, and our own knobs."""
 MAX_FILES = 16
 """File parts read from one multipart edit: OpenAI's own limit of references, so that more than one is answered with
@@ -182,6 +182,8 @@ def to_edit(fields: dict, image: bytes, runtime: Runtime) -> Edit:
                          "or auto")
     if options.stream and options.n > 1:
         raise InputError("n", f"{options.n} images cannot be streamed; a stream carries one image, send n=1")
+    if options.stream and fields.get("best_of") not in (None, "", "1", 1):
+        raise InputError("best_of", "best-of candidates cannot be streamed; a stream carries one image's partials")
     if options.stream and options.response_format == "url":
         raise InputError("response_format", "a stream carries its images as b64_json; send b64_json or no stream")
     if options.partial_images and not options.stream:
@@ -272,10 +274,12 @@ def stream_edit(submission: Submission, edit: Edit, request_id: str, started: fl
                     index += 1
             result = await submission.result()
             finished = True
-            for data in result.images:
+            scores = result.identity_json()["identity"] or [None] * len(result.images)
+            for data, score in zip(result.images, scores):
                 yield event("image_edit.completed", {
                     "b64_json": base64.b64encode(data).decode("ascii"), "created_at": int(time.time()),
-                    "usage": usage(submission), "revised_prompt": submission.enhanced_prompt, **common})
+                    "usage": usage(submission), "revised_prompt": submission.enhanced_prompt, **common,
+                    **({"identity": score} if score is not None else {})})
         except Exception as exc:
             finished = True
             response, outcome = openai_error(exc, request_id)
@@ -307,15 +311,21 @@ async def images_body(request: Request, submission: Submission, edit: Edit, resu
                                                    str(request.base_url))} for data in result.images]
     else:
         outputs = [{"b64_json": base64.b64encode(data).decode("ascii")} for data in result.images]
-    return {
+    scores = result.identity_json()
+    identity = scores["identity"] or [None] * len(outputs)
+    body = {
         "created": int(time.time()),
-        "data": [{**output, "revised_prompt": submission.enhanced_prompt, "seed": seed}
-                 for output, seed in zip(outputs, result.seeds)],
+        "data": [{**output, "revised_prompt": submission.enhanced_prompt, "seed": seed,
+                  **({"identity": score} if score is not None else {})}
+                 for output, seed, score in zip(outputs, result.seeds, identity)],
         "background": "opaque",
         "output_format": edit.params.output_format,
         "size": f"{submission.size}x{submission.size}",
         "usage": usage(submission),
     }
+    if scores["candidates"] is not None:
+        body["candidates"] = scores["candidates"]
+    return body
 
 
 def request_id_of(request: Request) -> str:

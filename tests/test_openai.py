@@ -5,6 +5,7 @@ import base64
 import hashlib
 import hmac
 import io
+import json
 import threading
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -14,7 +15,9 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
+from safetensors.torch import save_file
 
+from dsd_model.tiny import build_tiny_components, tiny_lora_state_dict
 from helpers import png_bytes, random_image
 from servers import RedisServer, start_service, wait_ready
 
@@ -31,8 +34,11 @@ def cluster(tmp_path_factory):
     neither, and a queue of one."""
     redis = RedisServer(tmp_path_factory.mktemp("redis"))
     redis.start()
+    store = tmp_path_factory.mktemp("adapters")
+    save_file(tiny_lora_state_dict(build_tiny_components()["transformer"], seed=61), str(store / "ink.safetensors"))
     shared = dict(api_key=KEY, redis_url=redis.url, image_url_secret=SECRET)
-    main = start_service(tmp_path_factory.mktemp("main"), **shared, max_queue="32", max_batch_rows="12")
+    main = start_service(tmp_path_factory.mktemp("main"), **shared, max_queue="32", max_batch_rows="12",
+                         adapter_dirs=json.dumps([str(store)]))
     replica = start_service(tmp_path_factory.mktemp("replica"), **shared, default_deadline_s="1")
     tight = start_service(tmp_path_factory.mktemp("tight"), max_queue="1", max_batch_rows="3")
     try:
@@ -218,13 +224,14 @@ def test_http_references_are_not_fetched(client):
 
 def test_models_list_modes_and_adapters(client):
     listed = client.models.list()
-    assert [model.id for model in listed.data] == ["dsd-identity", "identity", "dsd-structure", "structure"]
+    assert [model.id for model in listed.data] == ["dsd-identity", "dsd-structure", "identity", "ink", "structure"]
     assert all(model.owned_by == "dsd-serve" and model.created > 0 for model in listed.data)
     assert client.models.retrieve("dsd-structure").id == "dsd-structure"
     # a model name selects that mode: `dsd-structure`, or the adapter it serves by its own name
     structure = edit(client, model="dsd-structure").data[0].b64_json
     assert edit(client, model="structure").data[0].b64_json == structure
     assert structure != edit(client, model="dsd-identity").data[0].b64_json
+    assert edit(client, model="ink").data[0].b64_json not in (structure, edit(client, model="identity").data[0].b64_json)
     with pytest.raises(openai.NotFoundError) as raised:
         edit(client, model="gpt-image-1")
     assert raised.value.code == "model_not_found" and raised.value.param == "model"
@@ -307,3 +314,14 @@ def test_in_process_store_drops_the_oldest_images_past_its_budget():
     with pytest.raises(ClientFault) as too_large:
         urls.publish(bytes(2**20 + 1), "png", "http://dsd.test")
     assert too_large.value.status == 503 and "b64_json" in too_large.value.message
+
+
+def test_identity_scores_and_best_of_arrive_as_extra_fields(client):
+    scored = edit(client, n=2, extra_body={**KNOBS, "identity": True})
+    assert [image.identity["scorer"] for image in scored.data] == ["tiny-random-dino"] * 2
+    best = edit(client, extra_body={**KNOBS, "best_of": 3})
+    assert len(best.data) == 1 and len(best.candidates) == 3
+    assert best.data[0].seed == next(c["seed"] for c in best.candidates if c["returned"])
+    with pytest.raises(openai.BadRequestError) as raised:
+        edit(client, stream=True, extra_body={**KNOBS, "best_of": 2})
+    assert raised.value.param == "best_of"
