@@ -155,10 +155,11 @@ class Settings(BaseSettings):
         "to native SDPA with a log line. `native` lets PyTorch pick flash/cuDNN kernels, fast on Hopper already.",
     )
     lora_fusion: Literal["auto", "unfused", "per_adapter"] = Field(
-        "auto", description="`per_adapter` folds the active adapter into the weights (re-folded from a kept copy of "
-        "the base weights on every switch; the engine switches only between batches), saving the LoRA matmuls "
-        "(~30% of an adapted layer at rank 512) at the cost of one copy of the adapted weights. `auto` = per_adapter "
-        "on cuda without fp8, unfused elsewhere (fp8 weights cannot absorb a LoRA).",
+        "auto", description="`per_adapter` folds the most-used adapter of each forward into the weights (re-folded from "
+        "a kept copy of the base weights when it changes) and applies the other rows' adapters as differences, saving "
+        "the LoRA matmuls of uniform traffic (~30% of an adapted layer at rank 512) at the cost of one copy of the "
+        "adapted weights; `unfused` applies every row's LoRA beside the base weights. `auto` = per_adapter on cuda "
+        "without fp8, unfused elsewhere (fp8 weights cannot absorb a LoRA).",
     )
     quantization: Literal["none", "fp8"] = Field(
         "none", description="`fp8`: float8 weights and activations in the transformer blocks (torchao; compute "
