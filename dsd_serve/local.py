@@ -110,9 +110,10 @@ def wait_ready(server: Server, timeout: float = 180.0) -> None:
 
 class RedisServer:
     """`redis-server` on 127.0.0.1:`port` (chosen free at creation, kept across restarts), empty on every start
-    unless `appendonly`: then every write goes to an append-only file in `workdir`, and a restart keeps the data."""
+    unless `appendonly`: then every write goes to an append-only file in `workdir`, and a restart keeps the data.
+    `arguments` are further server options, e.g. `["--maxmemory", "64mb"]`."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False):
+    def __init__(self, workdir: Path, appendonly: bool = False, arguments: list[str] = ()):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; `make redis-server` installs it (Debian, as root)")
@@ -120,6 +121,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = free_port()
         self.appendonly = appendonly
+        self.arguments = list(arguments)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -134,7 +136,7 @@ class RedisServer:
             self.process = subprocess.Popen(
                 [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                  "--appendonly", "yes" if self.appendonly else "no",
-                 "--dir", str(self.workdir)],
+                 "--dir", str(self.workdir), *self.arguments],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         end = time.monotonic() + timeout

@@ -169,13 +169,16 @@ class Runtime:
             raise InputError("image", f"{len(image)} bytes exceeds the limit of {self.settings.max_upload_bytes}")
         return adapter_for_mode(self.pipe, params.mode)
 
-    async def check_request(self, params: GenerateParams, image: bytes) -> None:
-        """Everything `submit` refuses about the request itself (limits, mode, prompt windows, the reference), without
-        queuing it: what a job is checked with when it is submitted."""
+    async def check_request(self, params: GenerateParams, image: bytes, request_id: str = "") -> Reference:
+        """Everything `submit` refuses about the request itself (limits, mode, prompt windows, the reference, the
+        safety input check), without queuing it: what a job is checked with when it is submitted. Returns the
+        reference reduced to the canvas it feeds."""
         self.check_limits(params, image)
         await asyncio.to_thread(self.check_prompts, params)
         size = params.size if params.size is not None else self.settings.size
-        await self.read_reference(image, size, ImageColor.getrgb(params.background))
+        reference = await self.read_reference(image, size, ImageColor.getrgb(params.background))
+        await asyncio.to_thread(self.outputs.safety.check_input, reference.image, params.consent, request_id)
+        return reference
 
     async def read_reference(self, image: bytes, size: int, background: tuple[int, int, int]) -> Reference:
         """The reference reduced to the canvas it feeds; at most `max_concurrent_decodes` run at once."""

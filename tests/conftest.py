@@ -10,6 +10,7 @@ import torch
 from dsd_model import DSDPipeline
 from dsd_model.tiny import build_tiny_components
 from helpers import random_image
+from servers import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,15 @@ def fresh_pipe():
     pipe = DSDPipeline(**build_tiny_components())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server on a free loopback port (no persistence), stopped after the test."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
