@@ -13,7 +13,7 @@ is full, submissions are refused (`JobStoreFull`) while the scripts that end acc
 an accepted job is never lost to memory pressure.
 
 Webhook outbox: `dsd:webhooks:due` (sorted set of delivery ids by the time they are due) and `dsd:webhook:<id>` (the
-delivery: job, URL, event, attempts, lease). Any replica takes a due delivery for a lease (`take_delivery`), sends
+delivery: URL, event, when the job ended, attempts, and the lease and replica of the attempt in flight). Any replica takes a due delivery for a lease (`take_delivery`), sends
 it, and then removes it or schedules its retry; a replica that dies mid-attempt leaves it to another once the lease
 ends.
 """
@@ -258,12 +258,12 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   return false
 end
 redis.call('ZADD', KEYS[1], ARGV[2] + ARGV[3], ARGV[1])
-redis.call('HSET', KEYS[2], 'lease', ARGV[4])
+redis.call('HSET', KEYS[2], 'lease', ARGV[4], 'sender', ARGV[5])
 redis.call('HINCRBY', KEYS[2], 'attempts', 1)
 return redis.call('HGETALL', KEYS[2])
 """
-"""KEYS: outbox, delivery. ARGV: delivery id, now, lease seconds, lease token. Leases a due delivery (it is due again
-when the lease ends) and counts the attempt; nothing when another replica took it first."""
+"""KEYS: outbox, delivery. ARGV: delivery id, now, lease seconds, lease token, this replica. Leases a due delivery
+(it is due again when the lease ends) and counts the attempt; nothing when another replica took it first."""
 
 SETTLE = """#!lua flags=allow-oom
 if redis.call('HGET', KEYS[2], 'lease') ~= ARGV[2] then return 0 end
@@ -552,7 +552,7 @@ class RedisJobStore:
             delivery_id = delivery_id.decode()
             token = secrets.token_hex(8)
             values = self._take(keys=[OUTBOX, self.delivery_key(delivery_id)],
-                                args=[delivery_id, repr(now), repr(lease_s), token])
+                                args=[delivery_id, repr(now), repr(lease_s), token, self.consumer])
             if values:
                 fields = {values[i].decode(): values[i + 1].decode() for i in range(0, len(values), 2)}
                 return Delivery(delivery_id, delivery_id.rpartition(".")[0], fields["url"], fields["event"],

@@ -2,9 +2,13 @@
 takes a job, and a job that finds no room in the engine goes back to the queue without counting as an attempt."""
 
 import asyncio
+import io
+import json
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from data.conftest import ChatServer
 from dsd_model.settings import Settings
@@ -12,7 +16,7 @@ from dsd_serve.job_store import RedisJobStore, caller_of
 from dsd_serve.jobs import Jobs, JobSpec
 from dsd_serve.runtime import Runtime
 from dsd_serve.schemas import GenerateParams
-from helpers import png_bytes, random_image
+from helpers import png_bytes, random_image, transparent_image
 
 REFERENCE = png_bytes(random_image(96, 80, seed=3))
 VISIBILITY_S = 1.5
@@ -94,3 +98,37 @@ def test_a_job_without_room_in_the_engine_goes_back_to_the_queue_without_an_atte
         jobs.stop(timeout=30)
         runtime.drain()
     assert view["state"] == "succeeded" and view["attempts"] == "1"
+
+
+def test_a_queued_job_keeps_the_canvas_sized_reference_not_the_upload(redis_server):
+    config = Settings(profile="tiny", jobs_redis_url=redis_server.url, max_batch_rows=3)
+    runtime = Runtime(config)
+    runtime.start()
+    jobs = Jobs(config)
+    upload = png_bytes(transparent_image(1200, 900))
+    params = GenerateParams(prompt="the toy", steps=2, size=64, seed=4, exact=True)
+
+    async def scenario():
+        direct = await runtime.submit(params, upload)
+        direct_images = (await direct.result()).images
+        job_id, _ = await jobs.submit(runtime, JobSpec(params), upload, None, caller_of(None))
+        stored = jobs.store.reference(job_id)[1]
+        jobs.start_worker(runtime)
+        await wait_until(lambda: jobs.store.get(job_id)["state"] == "succeeded")
+        return direct, direct_images, stored, jobs.store.get(job_id), jobs.store.image(job_id, 0)
+
+    try:
+        direct, direct_images, stored, fields, image = asyncio.run(scenario())
+    finally:
+        jobs.stop(timeout=30)
+        runtime.drain()
+    canvas = Image.open(io.BytesIO(stored))
+    assert canvas.size == (64, 64) and canvas.mode == "RGB"
+    assert len(stored) <= 64 * 64 * 3 + 1024 and 100 * len(stored) < len(upload), (len(stored), len(upload))
+    assert json.loads(fields["result"])["notices"] == direct.notices, "what was done to the upload is reported"
+    assert any("transparency" in notice for notice in direct.notices)
+    assert np.array_equal(pixels(image), pixels(direct_images[0])), "the stored canvas generates what the upload does"
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
