@@ -191,6 +191,8 @@ class Run:
         self.task = task
         self.submission = None
         self.stopped: str | None = None
+        self.ending = False
+        """Its end is being stored: the entry leaves the queue, and the heartbeat stops mattering."""
 
     def stop(self, why: str) -> None:
         self.stopped = why
@@ -291,7 +293,7 @@ class Worker:
                 raise
             asyncio.current_task().uncancel()
             if run.stopped == "cancelled":
-                await self._finish(claim, "canceled", {"error": json.dumps(cancelled_error())})
+                await self._finish(run, "canceled", {"error": json.dumps(cancelled_error())})
         except Draining:
             await asyncio.to_thread(self.store.requeue, claim, True)
         except Exception as exc:
@@ -300,7 +302,7 @@ class Worker:
             if isinstance(exc, redis.RedisError):
                 logger.warning("job %s: the store is unreachable (%s); another replica will run it", claim.job_id, exc)
             else:
-                await self._finish(claim, "failed", {"error": json.dumps(error_of(exc))})
+                await self._finish(run, "failed", {"error": json.dumps(error_of(exc))})
         finally:
             watch.cancel()
             if run.submission is None:
@@ -318,7 +320,7 @@ class Worker:
         if attempts > self.settings.jobs_max_attempts:
             error = {"code": "internal", "field": None,
                      "message": f"the job's replica was lost on each of {attempts - 1} runs; it is not run again"}
-            await self._finish(claim, "failed", {"error": json.dumps(error)})
+            await self._finish(run, "failed", {"error": json.dumps(error)})
             return
         loaded = await asyncio.to_thread(store.reference, claim.job_id)
         if loaded is None:
@@ -360,7 +362,7 @@ class Worker:
                 if run.stopped == "lost":
                     return
                 if run.stopped == "cancelled" or await asyncio.to_thread(store.cancel_requested, claim.job_id):
-                    await self._finish(claim, "canceled", {"error": json.dumps(cancelled_error())})
+                    await self._finish(run, "canceled", {"error": json.dumps(cancelled_error())})
                 else:
                     await asyncio.to_thread(store.requeue, claim, True)
                 return
@@ -373,7 +375,7 @@ class Worker:
                    "notice": self.runtime.notice, "notices": spec.notices + submission.notices,
                    "timings": {"queue_s": result.queue_seconds, "run_s": result.run_seconds,
                                "total_s": result.total_seconds}}
-        await self._finish(claim, "succeeded", {"result": json.dumps(summary), "step": total, "total": total},
+        await self._finish(run, "succeeded", {"result": json.dumps(summary), "step": total, "total": total},
                            result.images)
 
     async def _watch(self, run: Run) -> None:
@@ -383,6 +385,8 @@ class Worker:
         last = time.monotonic()
         while True:
             await asyncio.sleep(min(0.25, beat))
+            if run.ending:
+                return
             try:
                 if time.monotonic() - last >= beat:
                     last = time.monotonic()
@@ -397,9 +401,11 @@ class Worker:
             except redis.RedisError as exc:
                 logger.warning("job %s heartbeat failed (%s)", run.claim.job_id, exc)
 
-    async def _finish(self, claim: Claim, state: str, fields: dict, images: list[bytes] = ()) -> None:
+    async def _finish(self, run: Run, state: str, fields: dict, images: list[bytes] = ()) -> None:
         """Store the end once (its webhook goes into the outbox in the same step) and release the queue entry.
         Redis being unreachable is retried for a visibility timeout; after that another replica runs the job again."""
+        run.ending = True
+        claim = run.claim
         give_up = time.monotonic() + self.settings.jobs_visibility_timeout_s
         while True:
             try:

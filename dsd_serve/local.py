@@ -61,6 +61,16 @@ class Server:
             time.sleep(0.05)
         return value
 
+    def kill(self) -> None:
+        """SIGKILL the server and every process under it (BentoML's workers run in sessions of their own), as a
+        node failure would."""
+        for pid in reversed(descendants(self.process.pid)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+
     def stop(self) -> int:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -70,6 +80,24 @@ class Server:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
+
+
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it, parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop(0)
+        found.append(pid)
+        frontier += children.get(pid, [])
+    return found
 
 
 def start_service(workdir: Path, **settings: str) -> Server:

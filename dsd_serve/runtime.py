@@ -169,7 +169,7 @@ class Runtime:
             raise InputError("image", f"{len(image)} bytes exceeds the limit of {self.settings.max_upload_bytes}")
         return adapter_for_mode(self.pipe, params.mode)
 
-    async def check_request(self, params: GenerateParams, image: bytes, request_id: str = "") -> Reference:
+    async def check_request(self, params: GenerateParams, image: bytes) -> Reference:
         """Everything `submit` refuses about the request itself (limits, mode, prompt windows, the reference, the
         safety input check), without queuing it: what a job is checked with when it is submitted. Returns the
         reference reduced to the canvas it feeds."""
@@ -177,7 +177,7 @@ class Runtime:
         await asyncio.to_thread(self.check_prompts, params)
         size = params.size if params.size is not None else self.settings.size
         reference = await self.read_reference(image, size, ImageColor.getrgb(params.background))
-        await asyncio.to_thread(self.outputs.safety.check_input, reference.image, params.consent, request_id)
+        await asyncio.to_thread(self.outputs.safety.check_input, reference.image, params.consent, "job-submission")
         return reference
 
     async def read_reference(self, image: bytes, size: int, background: tuple[int, int, int]) -> Reference:

@@ -194,6 +194,8 @@ async def attempt(client: httpx.AsyncClient, resolver: Resolver, url: str, messa
                   settings: Settings) -> tuple[str, str]:
     """POST `payload` to `url` once, signed, to the address that was checked; returns the outcome (`delivered`,
     `rejected`: a non-2xx answer, `refused`: the URL no longer passes the check, `unreachable`) and its detail."""
+    if settings.webhook_secret is None:
+        return "refused", "this replica has no DSD_WEBHOOK_SECRET to sign with"
     secret = settings.webhook_secret.get_secret_value()
     body = json.dumps(payload, separators=(",", ":"))
     try:

@@ -2,15 +2,17 @@
 pressure, claims and reclaims, requeue, cancel, the webhook outbox, queue positions and idempotency namespaces."""
 
 import asyncio
+import base64
 import json
 import time
 
 import pytest
+from pydantic import ValidationError
 
 from dsd_model.serving.enhance import RedisCache
 from dsd_model.settings import Settings
 from dsd_serve.job_store import (OUTBOX, STREAM, EvictingJobStore, IdempotencyConflict, JobSpec, JobStoreFull,
-                                 RedisJobStore, caller_of, open_store)
+                                 MemoryJobStore, RedisJobStore, caller_of, open_store)
 from dsd_serve.jobs import Jobs
 from dsd_serve.schemas import GenerateParams
 from servers import start_service
@@ -194,3 +196,26 @@ def test_idempotency_keys_belong_to_their_caller_and_a_conflict_names_no_job(red
         submit(job_store, key="order-1", caller=caller_of("Bearer two"), fingerprint="another request")
     assert conflict.value.field == "Idempotency-Key"
     assert theirs not in str(conflict.value) and mine not in str(conflict.value)
+
+
+def test_in_process_jobs_keep_the_same_promises():
+    job_store = MemoryJobStore(ttl_s=600, max_backlog=10)
+    first, second = (job_store.submit(spec(), b"canvas", "request", None, CALLER)[0] for _ in range(2))
+    assert job_store.cancel(second) == "queued" and job_store.backlog() == 1
+    delivery = job_store.take_delivery(lease_s=5)
+    assert delivery.id == f"{second}.canceled" and job_store.take_delivery(lease_s=5) is None
+    assert job_store.settle_delivery(delivery, retry_at=time.time() - 1)
+    assert job_store.take_delivery(lease_s=5).attempts == 2
+    claim = job_store.claim()
+    assert claim.job_id == first and job_store.start(first) == ("queued", 1)
+    assert job_store.requeue(claim, refund=True) and job_store.get(first)["attempts"] == "0"
+    assert job_store.submit(spec(), b"canvas", "request", "key", CALLER)[0] != \
+        job_store.submit(spec(), b"canvas", "request", "key", caller_of("Bearer two"))[0]
+
+
+def test_a_webhook_secret_that_is_not_whsec_base64_stops_the_start_without_echoing_it():
+    for secret in ("nope", "whsec_nope", "whsec_" + base64.b64encode(b"short").decode()):
+        with pytest.raises(ValidationError, match="DSD_WEBHOOK_SECRET must be `whsec_`") as refused:
+            Settings(webhook_secret=secret)
+        assert secret not in str(refused.value)
+    assert Settings(webhook_secret="whsec_" + base64.b64encode(bytes(24)).decode()).webhook_secret is not None

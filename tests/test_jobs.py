@@ -4,8 +4,6 @@ Redis (in-process jobs, short result TTL). Tiny profile, 64 px, few steps."""
 import base64
 import io
 import json
-import os
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +17,7 @@ from PIL import Image
 from standardwebhooks import Webhook
 
 from helpers import png_bytes, random_image, unmarked
-from servers import RedisServer, start_service, wait_ready
+from servers import RedisServer, descendants, start_service, wait_ready
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 REFERENCE = png_bytes(random_image(96, 80, seed=3))
@@ -447,17 +445,9 @@ class BlockingReceiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def owner_of(cluster, consumer: str):
+def owner_of(cluster, consumer: str) -> str:
     """The replica (a or b) whose process runs the job-store consumer `consumer` (host-pid-suffix)."""
-    pid = int(consumer.split("-")[-2])
-    name = "a" if cluster["a"].process.pid in ancestors(pid) else "b"
-    return name, pid
-
-
-def kill(cluster, name: str, pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    os.killpg(cluster[name].process.pid, signal.SIGKILL)
-    cluster[name].process.wait()
+    return "a" if int(consumer.split("-")[-2]) in descendants(cluster["a"].process.pid) else "b"
 
 
 def test_a_webhook_outlives_the_replica_sending_it(cluster):
@@ -467,8 +457,8 @@ def test_a_webhook_outlives_the_replica_sending_it(cluster):
         assert receiver.holding.wait(60), "the second attempt never came"
         message = f"{job['id']}.succeeded"
         sender = cluster["redis"].client().hget(f"dsd:webhook:{message}", "sender").decode()
-        victim, pid = owner_of(cluster, sender)
-        kill(cluster, victim, pid)
+        victim = owner_of(cluster, sender)
+        cluster[victim].kill()
         receiver.release.set()
         end = time.monotonic() + 60
         while len(receiver.attempts) < 3 or cluster["redis"].client().zcard("dsd:webhooks:due"):
@@ -483,25 +473,13 @@ def test_a_webhook_outlives_the_replica_sending_it(cluster):
     restart(cluster, victim)
 
 
-def ancestors(pid: int) -> list[int]:
-    """The parent process ids of `pid` (BentoML's workers run in sessions of their own)."""
-    chain = []
-    while pid > 1:
-        pid = int(open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[1])
-        chain.append(pid)
-    return chain
-
-
 def test_a_job_of_a_killed_replica_finishes_on_the_other_stored_once(cluster):
     a, b, redis = cluster["a"], cluster["b"], cluster["redis"]
     job = submit(a, steps=100, num_images=2).json()
     wait_for(a, job["id"], until=lambda view: view["progress"]["step"] >= 2)
-    owner = redis.client().hget(f"dsd:job:{job['id']}", "replica").decode()
-    pid = int(owner.split("-")[-2])
-    victim, survivor = (a, b) if a.process.pid in ancestors(pid) else (b, a)
-    os.kill(pid, signal.SIGKILL)
-    os.killpg(victim.process.pid, signal.SIGKILL)
-    victim.process.wait()
+    victim = owner_of(cluster, redis.client().hget(f"dsd:job:{job['id']}", "replica").decode())
+    survivor = cluster["b" if victim == "a" else "a"]
+    cluster[victim].kill()
     assert httpx.get(f"{survivor.url}/v1/jobs/{job['id']}", timeout=10).json()["status"] == "running"
     reclaimed_before = survivor.metric("dsd_jobs_reclaimed_total")
     finished_before = survivor.metric("dsd_jobs_finished_total", state="succeeded")
