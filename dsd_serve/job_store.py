@@ -175,6 +175,8 @@ return {ARGV[1], 1}
 """KEYS: job hash, idempotency key ('' for none), stream. ARGV: job id, ttl, largest backlog, then the job's fields.
 Returns the job id and 1; the id of the job that already holds the idempotency key and 0; or -1 when the stream holds
 the largest backlog already. Without `allow-oom`, Redis refuses it whole when its memory is full."""
+BACKLOG_RETRY_S = 10.0
+"""Retry hint when the queue is full: about one job's time on a GPU, after which a slot is likely free."""
 
 END_JOB = """#!lua flags=allow-oom
 local function end_job()
@@ -567,10 +569,6 @@ class RedisJobStore:
 
     def close(self) -> None:
         self.client.close()
-
-
-BACKLOG_RETRY_S = 10.0
-"""Retry hint when the queue is full: about one job's time on a GPU, after which a slot is likely free."""
 
 
 class MemoryJobStore:

@@ -29,7 +29,7 @@ def fresh_pipe():
 
 
 @pytest.fixture
-def redis_server(tmp_path):
+def fresh_redis(tmp_path):
     """A fresh redis-server on a free loopback port (no persistence), stopped after the test."""
     server = RedisServer(tmp_path)
     server.start()

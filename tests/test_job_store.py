@@ -27,8 +27,8 @@ def spec(**overrides) -> JobSpec:
     return JobSpec(GenerateParams(prompt="the toy in a garden", steps=2, size=64), **values)
 
 
-def store(redis_server, visibility_s: float = 30.0, backlog: int = 1000) -> RedisJobStore:
-    return RedisJobStore(redis_server.url, ttl_s=600, visibility_timeout_s=visibility_s, max_backlog=backlog)
+def store(fresh_redis, visibility_s: float = 30.0, backlog: int = 1000) -> RedisJobStore:
+    return RedisJobStore(fresh_redis.url, ttl_s=600, visibility_timeout_s=visibility_s, max_backlog=backlog)
 
 
 def submit(job_store: RedisJobStore, key: str | None = None, caller: str = CALLER, image: bytes = b"canvas",
@@ -48,14 +48,14 @@ def run_to_end(job_store: RedisJobStore, state: str = "succeeded", result: bytes
     return claim.job_id
 
 
-def test_an_evicting_job_redis_stops_the_start_naming_the_setting(redis_server, tmp_path):
-    redis_server.client().config_set("maxmemory-policy", "allkeys-lru")
+def test_an_evicting_job_redis_stops_the_start_naming_the_setting(fresh_redis, tmp_path):
+    fresh_redis.client().config_set("maxmemory-policy", "allkeys-lru")
     with pytest.raises(EvictingJobStore, match="DSD_JOBS_REDIS_URL.*noeviction"):
-        open_store(Settings(redis_url=redis_server.url))
+        open_store(Settings(redis_url=fresh_redis.url))
     assert Settings(redis_url="redis://cache:6379/0").resolved_jobs_redis_url == "redis://cache:6379/0"
     assert Settings(redis_url="redis://cache:6379/0",
                     jobs_redis_url="redis://jobs:6379/0").resolved_jobs_redis_url == "redis://jobs:6379/0"
-    service = start_service(tmp_path, jobs_redis_url=redis_server.url)
+    service = start_service(tmp_path, jobs_redis_url=fresh_redis.url)
     try:
         assert service.process.wait(timeout=120) != 0
     finally:
@@ -63,14 +63,14 @@ def test_an_evicting_job_redis_stops_the_start_naming_the_setting(redis_server, 
     assert "DSD_JOBS_REDIS_URL" in service.log_tail() and "allkeys-lru" in service.log_tail()
 
 
-def test_a_full_job_store_refuses_new_jobs_and_loses_no_accepted_one(redis_server):
+def test_a_full_job_store_refuses_new_jobs_and_loses_no_accepted_one(fresh_redis):
     """A job Redis shared with the caches by mistake (noeviction): cache traffic fills it; submissions then get
     `JobStoreFull` (503), the caches fail open, and every accepted job still runs to a stored end."""
-    client = redis_server.client()
+    client = fresh_redis.client()
     client.config_set("maxmemory", str(client.info("memory")["used_memory"] + 3 * 2**20))
-    jobs = Jobs(Settings(jobs_redis_url=redis_server.url))
+    jobs = Jobs(Settings(jobs_redis_url=fresh_redis.url))
     assert jobs.store.claim() is None, "a replica is waiting for jobs"
-    cache = RedisCache(redis_server.url, ttl_s=3600, timeout_s=1.0)
+    cache = RedisCache(fresh_redis.url, ttl_s=3600, timeout_s=1.0)
     accepted, refused = [], None
     for index in range(200):
         cache.put(f"dsd:enhance:{index}", "a caption " * 20_000)
@@ -93,8 +93,8 @@ def test_a_full_job_store_refuses_new_jobs_and_loses_no_accepted_one(redis_serve
     jobs.stop(timeout=1)
 
 
-def test_reclaim_follows_the_cursor_past_live_entries(redis_server):
-    live, dead, rescuer = (store(redis_server, visibility_s=1) for _ in range(3))
+def test_reclaim_follows_the_cursor_past_live_entries(fresh_redis):
+    live, dead, rescuer = (store(fresh_redis, visibility_s=1) for _ in range(3))
     for _ in range(10):
         submit(live)
     stale_job = submit(live)
@@ -108,8 +108,8 @@ def test_reclaim_follows_the_cursor_past_live_entries(redis_server):
     assert rescuer.claim() is None, "the live entries stay with their replica"
 
 
-def test_requeue_checks_ownership_and_state(redis_server):
-    slow, other = store(redis_server, visibility_s=1), store(redis_server, visibility_s=1)
+def test_requeue_checks_ownership_and_state(fresh_redis):
+    slow, other = store(fresh_redis, visibility_s=1), store(fresh_redis, visibility_s=1)
     job_id = submit(slow)
     mine = slow.claim()
     slow.start(job_id)
@@ -122,11 +122,11 @@ def test_requeue_checks_ownership_and_state(redis_server):
     assert other.finish(job_id, "succeeded", {"result": json.dumps({"count": 0})})
     other.done(theirs)
     assert not other.requeue(theirs, refund=True)
-    assert other.get(job_id)["state"] == "succeeded" and redis_server.client().xlen(STREAM) == 0
+    assert other.get(job_id)["state"] == "succeeded" and fresh_redis.client().xlen(STREAM) == 0
 
 
-def test_requeue_for_lack_of_room_gives_back_the_attempt(redis_server):
-    job_store = store(redis_server)
+def test_requeue_for_lack_of_room_gives_back_the_attempt(fresh_redis):
+    job_store = store(fresh_redis)
     job_id = submit(job_store)
     claim = job_store.claim()
     assert job_store.start(job_id) == ("queued", 1)
@@ -138,26 +138,26 @@ def test_requeue_for_lack_of_room_gives_back_the_attempt(redis_server):
     assert job_store.start(job_id) == ("queued", 1)
 
 
-def test_cancelling_a_queued_job_removes_its_entry_and_queues_its_webhook(redis_server):
-    job_store = store(redis_server)
+def test_cancelling_a_queued_job_removes_its_entry_and_queues_its_webhook(fresh_redis):
+    job_store = store(fresh_redis)
     first, second, third = submit(job_store), submit(job_store), submit(job_store, webhook_events=["job.failed"])
     assert job_store.backlog() == 3 and job_store.get(third)["position"] == 3
     assert job_store.cancel(second) == "queued" and job_store.cancel(third) == "queued"
     assert job_store.get(second)["state"] == "canceled"
-    client = redis_server.client()
+    client = fresh_redis.client()
     assert client.xlen(STREAM) == 1 and job_store.backlog() == 1
     assert client.zrange(OUTBOX, 0, -1) == [f"{second}.canceled".encode()], "only the subscribed event is sent"
     assert run_to_end(job_store) == first, "the cancelled jobs are not claimed"
     assert job_store.claim() is None
 
 
-def test_the_end_of_a_job_and_its_webhook_are_one_step_and_survive_a_lost_ack(redis_server):
-    job_store, rescuer = store(redis_server, visibility_s=1), store(redis_server, visibility_s=1)
+def test_the_end_of_a_job_and_its_webhook_are_one_step_and_survive_a_lost_ack(fresh_redis):
+    job_store, rescuer = store(fresh_redis, visibility_s=1), store(fresh_redis, visibility_s=1)
     job_id = submit(job_store)
     claim = job_store.claim()
     job_store.start(job_id)
     assert job_store.finish(job_id, "succeeded", {"result": json.dumps({"count": 0})})
-    client = redis_server.client()
+    client = fresh_redis.client()
     assert client.xlen(STREAM) == 0, "the entry left the queue with the end, before any XACK"
     delivery = rescuer.take_delivery(lease_s=5)
     assert delivery.id == f"{job_id}.succeeded" and delivery.url == HOOK and delivery.attempts == 1
@@ -175,10 +175,10 @@ def test_the_end_of_a_job_and_its_webhook_are_one_step_and_survive_a_lost_ack(re
     assert job_store.requeue(claim, refund=False) is False
 
 
-def test_positions_are_read_once_for_every_watcher(redis_server):
-    job_store = store(redis_server)
+def test_positions_are_read_once_for_every_watcher(fresh_redis):
+    job_store = store(fresh_redis)
     job_ids = [submit(job_store) for _ in range(30)]
-    client = redis_server.client()
+    client = fresh_redis.client()
     client.config_resetstat()
     positions = [job_store.get(job_id)["position"] for job_id in job_ids]
     assert positions == list(range(1, 31))
@@ -186,8 +186,8 @@ def test_positions_are_read_once_for_every_watcher(redis_server):
     assert calls <= 2, f"{calls} XRANGE calls for 30 watchers"
 
 
-def test_idempotency_keys_belong_to_their_caller_and_a_conflict_names_no_job(redis_server):
-    job_store = store(redis_server)
+def test_idempotency_keys_belong_to_their_caller_and_a_conflict_names_no_job(fresh_redis):
+    job_store = store(fresh_redis)
     mine = submit(job_store, key="order-1", caller=caller_of("Bearer one"))
     theirs = submit(job_store, key="order-1", caller=caller_of("Bearer two"))
     assert mine != theirs

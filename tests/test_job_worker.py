@@ -38,14 +38,14 @@ async def wait_until(condition, timeout: float = 60.0, every: float = 0.05):
     return found
 
 
-def test_a_claimed_job_keeps_its_claim_while_its_prompt_is_enhanced(redis_server, chat):
+def test_a_claimed_job_keeps_its_claim_while_its_prompt_is_enhanced(fresh_redis, chat):
     chat.fault(("sleep", 3 * VISIBILITY_S))
-    config = Settings(profile="tiny", jobs_redis_url=redis_server.url, jobs_visibility_timeout_s=VISIBILITY_S,
+    config = Settings(profile="tiny", jobs_redis_url=fresh_redis.url, jobs_visibility_timeout_s=VISIBILITY_S,
                       enhance_base_url=chat.url, enhance_model="vlm", enhance_timeout_s=20, max_batch_rows=3)
     runtime = Runtime(config)
     runtime.start()
     jobs = Jobs(config)
-    competitor = RedisJobStore(redis_server.url, 600, VISIBILITY_S, 1000)
+    competitor = RedisJobStore(fresh_redis.url, 600, VISIBILITY_S, 1000)
 
     async def scenario():
         spec = JobSpec(GenerateParams(prompt="the toy", steps=2, size=64, seed=1, enhance_prompt=True))
@@ -70,8 +70,8 @@ def test_a_claimed_job_keeps_its_claim_while_its_prompt_is_enhanced(redis_server
     assert view["state"] == "succeeded" and view["attempts"] == "1"
 
 
-def test_a_job_without_room_in_the_engine_goes_back_to_the_queue_without_an_attempt(redis_server):
-    config = Settings(profile="tiny", jobs_redis_url=redis_server.url, max_queue=1, max_batch_rows=3,
+def test_a_job_without_room_in_the_engine_goes_back_to_the_queue_without_an_attempt(fresh_redis):
+    config = Settings(profile="tiny", jobs_redis_url=fresh_redis.url, max_queue=1, max_batch_rows=3,
                       jobs_pull_below=100, jobs_room_wait_s=0.5)
     runtime = Runtime(config)
     runtime.start()
@@ -100,8 +100,8 @@ def test_a_job_without_room_in_the_engine_goes_back_to_the_queue_without_an_atte
     assert view["state"] == "succeeded" and view["attempts"] == "1"
 
 
-def test_a_queued_job_keeps_the_canvas_sized_reference_not_the_upload(redis_server):
-    config = Settings(profile="tiny", jobs_redis_url=redis_server.url, max_batch_rows=3)
+def test_a_queued_job_keeps_the_canvas_sized_reference_not_the_upload(fresh_redis):
+    config = Settings(profile="tiny", jobs_redis_url=fresh_redis.url, max_batch_rows=3)
     runtime = Runtime(config)
     runtime.start()
     jobs = Jobs(config)
