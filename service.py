@@ -2,7 +2,8 @@
 
 Resources and traffic live in the decorator; the model loads on a background thread after the server starts, so
 `/livez` answers during a long load and `/readyz` turns ready only after the engine's warm-up. The settings are
-read when this module is imported, so `bentoml serve` exits at once, naming the setting, when one is invalid.
+read when this module is imported, so `bentoml serve` exits at once, naming the setting, when one is invalid; so
+does a job store whose Redis may evict jobs (`DSD_JOBS_REDIS_URL`).
 
 On SIGTERM the engine stops admitting at once and `/readyz` fails; the HTTP server keeps accepting connections and
 answers new requests 503 with Retry-After while queued and running requests finish (at most `DSD_DRAIN_TIMEOUT_S`);
@@ -29,6 +30,7 @@ from dsd_model.settings import Settings
 from dsd_serve.grpc_server import GrpcServer
 from dsd_serve.http import create_app
 from dsd_serve.image_urls import ImageURLs
+from dsd_serve.job_store import EvictingJobStore, open_store
 from dsd_serve.jobs import Jobs
 
 logger = logging.getLogger("dsd_serve")
@@ -36,6 +38,11 @@ try:
     settings = Settings()
 except ValidationError as exc:
     raise SystemExit(f"invalid DSD_* setting: {exc}") from exc
+try:
+    if settings.resolved_jobs_redis_url:
+        open_store(settings).close()
+except EvictingJobStore as exc:
+    raise SystemExit(f"invalid job store: {exc}") from exc
 app = create_app()
 
 

@@ -5,6 +5,8 @@ Secrets (the API key) and process plumbing come from the environment; everything
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -13,6 +15,10 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .limits import check_size
+
+
+MIN_WEBHOOK_KEY_BYTES = 24
+"""The shortest signing key the Standard Webhooks specification allows."""
 
 
 def resolve_device(device: str) -> str:
@@ -40,7 +46,8 @@ class Settings(BaseSettings):
     from a fixed seed. It runs anywhere and produces noise-like images by design.
     """
 
-    model_config = SettingsConfigDict(env_prefix="DSD_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="DSD_", extra="ignore", hide_input_in_errors=True)
+    """Errors name the setting and the rule but never echo the value: a malformed secret would end up in the log."""
 
     profile: Literal["auto", "tiny", "real"] = Field(
         "auto",
@@ -173,8 +180,9 @@ class Settings(BaseSettings):
 
     # ---- caches
     redis_url: str | None = Field(
-        None, description="Redis for the condition-latent cache, e.g. redis://127.0.0.1:6379/0; unset disables it "
-        "(every reference is then encoded by the VAE).",
+        None, description="Redis for the condition-latent and enhancement caches, e.g. redis://127.0.0.1:6379/0; "
+        "unset disables them (every reference is then encoded by the VAE). A cache may evict: jobs use "
+        "jobs_redis_url, and fall back to this one only when it is unset.",
     )
     latent_cache_ttl_s: int = Field(
         86_400, ge=1, description="Lifetime of a cached reference; a day spans a product session's reuse of one "
@@ -369,6 +377,12 @@ class Settings(BaseSettings):
     )
 
     # ---- asynchronous jobs
+    jobs_redis_url: str | None = Field(
+        None, description="Redis of the job queue, job state, results, idempotency keys and webhook outbox, e.g. "
+        "redis://dsd-jobs-redis:6379/0; unset falls back to redis_url. Jobs must not be evicted, so this Redis runs "
+        "`maxmemory-policy noeviction` with persistence (AOF), apart from the evicting cache: the service refuses "
+        "to start on an evicting one. Unset with redis_url unset: jobs live in the process.",
+    )
     jobs_result_ttl_s: int = Field(
         86_400, ge=1, description="Lifetime of a job's state, results and idempotency key, counted from submission "
         "and again from its end; a day covers a product backend's retries and a user's return to a result, and "
@@ -389,6 +403,11 @@ class Settings(BaseSettings):
         "429 / RESOURCE_EXHAUSTED: each keeps its reference (up to DSD_MAX_UPLOAD_BYTES) in Redis until it runs, so "
         "this bounds Redis memory (about 1 GB for typical 1 MB uploads); KEDA adds replicas long before.",
     )
+    jobs_room_wait_s: float = Field(
+        10.0, gt=0, le=600, description="Longest wait of a claimed job for room in this replica's engine (interactive "
+        "requests filled it after the claim) before the job goes back to the queue, without counting as an attempt, "
+        "for a replica with room: about one generation on a GPU, the time a busy batch takes to free a row.",
+    )
     jobs_max_attempts: int = Field(
         3, ge=1, le=100, description="Runs of one job before it fails: each lost replica costs one, so a job that "
         "kills its replica cannot take down the fleet one replica after another.",
@@ -404,6 +423,15 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="One delivery attempt; receivers should "
                                      "answer at once and work later, as the Standard Webhooks spec advises.")
+    webhook_dns_timeout_s: float = Field(
+        2.0, gt=0, le=30, description="Longest wait for the addresses of a webhook host; a healthy resolver answers "
+        "in milliseconds and the C library retries a lost packet within about a second, so a lookup still pending "
+        "after 2 s is a black-holed resolver: the submission gets 503, a delivery is retried later.",
+    )
+    webhook_dns_threads: int = Field(
+        4, ge=1, le=64, description="Threads of the webhook host lookups (their own pool: a stuck resolver holds these "
+        "and nothing else); 4 lookups at once cover bursts of submissions, the rest wait within the lookup timeout.",
+    )
     webhook_backoff_s: float = Field(
         1.0, gt=0, le=600, description="Wait before the first retry; it doubles after each failed attempt, up to a "
         "minute between attempts.",
@@ -431,13 +459,17 @@ class Settings(BaseSettings):
     @field_validator("webhook_secret")
     @classmethod
     def _check_secret(cls, secret: SecretStr | None) -> SecretStr | None:
-        if secret is not None:
-            from standardwebhooks import Webhook
-
-            try:
-                Webhook(secret.get_secret_value())
-            except Exception as exc:
-                raise ValueError("webhook_secret must be `whsec_` followed by base64 (Standard Webhooks format)") from exc
+        if secret is None:
+            return None
+        value = secret.get_secret_value()
+        try:
+            key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+        except binascii.Error:
+            key = b""
+        if not value.startswith("whsec_") or len(key) < MIN_WEBHOOK_KEY_BYTES:
+            raise ValueError(f"DSD_WEBHOOK_SECRET must be `whsec_` followed by the base64 of at least "
+                             f"{MIN_WEBHOOK_KEY_BYTES} random bytes (Standard Webhooks format), e.g. `whsec_$(openssl "
+                             "rand -base64 32)`")
         return secret
 
     @field_validator("public_url")
@@ -504,6 +536,10 @@ class Settings(BaseSettings):
                 "shutdown never cuts a request that is still within its deadline"
             )
         return self
+
+    @property
+    def resolved_jobs_redis_url(self) -> str | None:
+        return self.jobs_redis_url or self.redis_url
 
     @property
     def resolved_profile(self) -> Literal["tiny", "real"]:

@@ -34,7 +34,7 @@ from dsd_model.settings import Settings
 
 from . import grpc_convert as convert
 from .grpc_stubs import dsd_pb2, dsd_pb2_grpc
-from .jobs import TERMINAL, JobEnded, JobNotFound, Jobs, JobSpec, JobStoreError
+from .jobs import TERMINAL, JobEnded, JobNotFound, Jobs, JobSpec, JobStoreError, caller_of
 from .webhooks import EVENTS
 from .http import REQUEST_ID
 
@@ -251,7 +251,9 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
         runtime = self._ready_runtime()
         params = convert.to_params(request.request, None, self.settings.max_deadline_s)
         spec = JobSpec(params, request.webhook or None, list(request.webhook_events) or list(EVENTS))
-        job_id, _ = await self._jobs().submit(runtime, spec, request.request.image, request.idempotency_key or None)
+        credential = dict(context.invocation_metadata()).get("authorization")
+        job_id, _ = await self._jobs().submit(runtime, spec, request.request.image, request.idempotency_key or None,
+                                              caller_of(credential))
         return await self._job(job_id)
 
     async def GetJob(self, request, context):

@@ -445,7 +445,8 @@ WATCH_TIMEOUT_S = 1.0
 SSE_KEEPALIVE_S = 15.0
 """A comment line this often keeps proxies from closing a quiet stream."""
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-ERROR_STATUS = {"invalid_argument": 422, "deadline_exceeded": 504, "cancelled": 499, "internal": 500}
+ERROR_STATUS = {"invalid_argument": 422, "content_policy": 422, "deadline_exceeded": 504, "cancelled": 499,
+                "internal": 500}
 """HTTP status of `POST /generate` for a job that ended with a stored error of this code."""
 
 
@@ -473,7 +474,8 @@ def ready_runtime(request: Request):
 
 async def submit_job(request: Request, runtime, spec: job_queue.JobSpec, image: bytes) -> JSONResponse:
     jobs = job_store(request)
-    job_id, created = await jobs.submit(runtime, spec, image, request.headers.get("idempotency-key"))
+    job_id, created = await jobs.submit(runtime, spec, image, request.headers.get("idempotency-key"),
+                                        job_queue.caller_of(request.headers.get("authorization")))
     view = await jobs.view(job_id)
     headers = {"Location": view["links"]["self"], "X-Request-ID": job_id}
     if not created:
@@ -489,7 +491,8 @@ async def generate_as_job(request: Request, runtime, params: GenerateParams, ima
     if "respond-async" in prefer:
         return await submit_job(request, runtime, spec, image)
     jobs = job_store(request)
-    job_id, _ = await jobs.submit(runtime, spec, image, request.headers.get("idempotency-key"))
+    job_id, _ = await jobs.submit(runtime, spec, image, request.headers.get("idempotency-key"),
+                                  job_queue.caller_of(request.headers.get("authorization")))
     async with jobs.watch(job_id) as changed:
         while (view := await jobs.view(job_id))["status"] not in job_queue.TERMINAL:
             if await request.is_disconnected():

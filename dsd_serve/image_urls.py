@@ -87,8 +87,8 @@ class RedisImages:
     def unavailable(self, operation: str, exc: Exception) -> ClientFault:
         logger.warning("image store at %s failed to %s an image (%s: %s)", self.address, operation,
                        type(exc).__name__, exc)
-        return ClientFault(503, "unavailable", f"the image store is unavailable; retry, or ask for "
-                           f"response_format=b64_json", headers={"Retry-After": "5"})
+        return ClientFault(503, "unavailable", "the image store is unavailable; retry, or ask for "
+                           "response_format=b64_json", headers={"Retry-After": "5"})
 
 
 class ImageURLs:

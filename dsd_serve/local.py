@@ -61,6 +61,16 @@ class Server:
             time.sleep(0.05)
         return value
 
+    def kill(self) -> None:
+        """SIGKILL the server and every process under it (BentoML's workers run in sessions of their own), as a
+        node failure would."""
+        for pid in reversed(descendants(self.process.pid)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+
     def stop(self) -> int:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -70,6 +80,24 @@ class Server:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
+
+
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it, parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop(0)
+        found.append(pid)
+        frontier += children.get(pid, [])
+    return found
 
 
 def start_service(workdir: Path, **settings: str) -> Server:
@@ -110,9 +138,10 @@ def wait_ready(server: Server, timeout: float = 180.0) -> None:
 
 class RedisServer:
     """`redis-server` on 127.0.0.1:`port` (chosen free at creation, kept across restarts), empty on every start
-    unless `appendonly`: then every write goes to an append-only file in `workdir`, and a restart keeps the data."""
+    unless `appendonly`: then every write goes to an append-only file in `workdir`, and a restart keeps the data.
+    `arguments` are further server options, e.g. `["--maxmemory", "64mb"]`."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False):
+    def __init__(self, workdir: Path, appendonly: bool = False, arguments: list[str] = ()):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; `make redis-server` installs it (Debian, as root)")
@@ -120,6 +149,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = free_port()
         self.appendonly = appendonly
+        self.arguments = list(arguments)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -134,7 +164,7 @@ class RedisServer:
             self.process = subprocess.Popen(
                 [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                  "--appendonly", "yes" if self.appendonly else "no",
-                 "--dir", str(self.workdir)],
+                 "--dir", str(self.workdir), *self.arguments],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         end = time.monotonic() + timeout

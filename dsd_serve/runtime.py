@@ -225,13 +225,16 @@ class Runtime:
         modes = {mode: self.pipe.mode_adapters.get(mode, mode) for mode in MODES}
         return self.adapter_store.listing(modes)
 
-    async def check_request(self, params: GenerateParams, image: bytes) -> None:
-        """Everything `submit` refuses about the request itself (limits, mode, prompt windows, the reference), without
-        queuing it: what a job is checked with when it is submitted."""
+    async def check_request(self, params: GenerateParams, image: bytes) -> Reference:
+        """Everything `submit` refuses about the request itself (limits, mode, prompt windows, the reference, the
+        safety input check), without queuing it: what a job is checked with when it is submitted. Returns the
+        reference reduced to the canvas it feeds."""
         self.check_limits(params, image)
         await asyncio.to_thread(self.check_prompts, params)
         size = params.size if params.size is not None else self.settings.size
-        await self.read_reference(image, size, ImageColor.getrgb(params.background))
+        reference = await self.read_reference(image, size, ImageColor.getrgb(params.background))
+        await asyncio.to_thread(self.outputs.safety.check_input, reference.image, params.consent, "job-submission")
+        return reference
 
     async def read_reference(self, image: bytes, size: int, background: tuple[int, int, int]) -> Reference:
         """The reference reduced to the canvas it feeds; at most `max_concurrent_decodes` run at once."""

@@ -10,6 +10,7 @@ import torch
 from dsd_model import DSDPipeline
 from dsd_model.tiny import build_tiny_components
 from helpers import random_image
+from servers import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +45,15 @@ def start_engine():
     yield start
     for engine in engines:
         engine.drain(timeout=30)
+
+
+@pytest.fixture
+def fresh_redis(tmp_path):
+    """A fresh redis-server on a free loopback port (no persistence), stopped after the test."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from dsd_model.serving import metrics
 from dsd_model.settings import Settings
-from servers import ROOT, start_service, wait_ready
+from dsd_serve.job_store import EvictingJobStore, RedisJobStore
+from servers import ROOT, RedisServer, start_service, wait_ready
 
 KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
 """The oldest Kubernetes the manifests support (native preStop sleep) and the newest schema at hand."""
@@ -45,6 +46,9 @@ TARGET_LABELS = {"namespace", "service", "pod", "job", "instance", "endpoint", "
 """Labels Prometheus Operator adds to every scraped series."""
 SERVICE = "dsd"
 REDIS = "dsd-redis"
+JOBS_REDIS = "dsd-jobs-redis"
+OPERATOR_SECRETS = {"DSD_WEBHOOK_SECRET": "whsec_" + base64.b64encode(bytes(32)).decode()}
+"""Secrets the operator creates, in the format docs/deployment.md makes them (`whsec_$(openssl rand -base64 32)`)."""
 each_overlay = pytest.mark.parametrize("overlay", OVERLAYS, ids=[f"overlays/{name}" for name in OVERLAYS])
 """A plain `gpu` id would read as the `gpu` marker, which skips tests without CUDA."""
 
@@ -117,7 +121,8 @@ def environment(overlay: str) -> dict[str, str]:
         else:
             reference = variable["valueFrom"]["secretKeyRef"]
             secrets = [doc for doc in objects(overlay, "Secret") if doc["metadata"]["name"] == reference["name"]]
-            value = base64.b64decode(secrets[0]["data"][reference["key"]]).decode() if secrets else "from-operator"
+            value = (base64.b64decode(secrets[0]["data"][reference["key"]]).decode() if secrets
+                     else OPERATOR_SECRETS.get(variable["name"], "from-operator"))
             env[variable["name"]] = value
     return env
 
@@ -176,8 +181,8 @@ def test_settings_are_the_services_own(overlay, monkeypatch):
     assert selects(service["selector"], pod_labels(overlay)[SERVICE])
     assert {(port["name"], port["targetPort"]) for port in service["ports"]} == {("http", "http"), ("grpc", "grpc")}
     assert all(port.get("appProtocol") for port in service["ports"])
-    if settings.redis_url is not None:
-        url = urlsplit(settings.redis_url)
+    for url in filter(None, (settings.redis_url, settings.jobs_redis_url)):
+        url = urlsplit(url)
         redis = named(overlay, "Service", url.hostname)
         assert url.port in {port["port"] for port in redis["spec"]["ports"]}
 
@@ -241,7 +246,8 @@ def test_pods_run_locked_down(overlay):
             assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
             assert context["capabilities"]["drop"] == ["ALL"]
             assert {"cpu", "memory"} <= box["resources"]["requests"].keys() and "memory" in box["resources"]["limits"]
-            writable = {mount["mountPath"] for mount in box["volumeMounts"] if "emptyDir" in volumes[mount["name"]]}
+            writable = {mount["mountPath"] for mount in box["volumeMounts"] if "emptyDir" in volumes[mount["name"]]
+                        or "persistentVolumeClaim" in volumes[mount["name"]] and not mount.get("readOnly", False)}
             if box["name"] == SERVICE:
                 env = {variable["name"]: variable.get("value") for variable in box["env"]}
                 assert {"/tmp", env["BENTOML_HOME"]} <= writable
@@ -271,15 +277,62 @@ def test_selectors_disruption_budget_and_network_policy(overlay):
     assert budget["maxUnavailable"] == 1
     for policy in objects(overlay, "NetworkPolicy"):
         protected = [name for name, pod in labels.items() if selects(policy["spec"]["podSelector"]["matchLabels"], pod)]
-        assert protected == [REDIS]
+        assert len(protected) == 1 and protected[0] in (REDIS, JOBS_REDIS)
         (rule,) = policy["spec"]["ingress"]
         (source,) = rule["from"]
         allowed = [name for name, pod in labels.items() if selects(source["podSelector"]["matchLabels"], pod)]
         assert allowed == [SERVICE]
-        (redis,) = named(overlay, "Deployment", REDIS)["spec"]["template"]["spec"]["containers"]
+        (redis,) = named(overlay, "Deployment", protected[0])["spec"]["template"]["spec"]["containers"]
         assert [port["port"] for port in rule["ports"]] == [port["containerPort"] for port in redis["ports"]]
-    if REDIS in labels:
-        assert objects(overlay, "NetworkPolicy"), "an in-cluster Redis needs its NetworkPolicy"
+    guarded = {name for policy in objects(overlay, "NetworkPolicy") for name, pod in labels.items()
+               if selects(policy["spec"]["podSelector"]["matchLabels"], pod)}
+    assert {REDIS, JOBS_REDIS} & set(labels) <= guarded, "an in-cluster Redis needs its NetworkPolicy"
+
+
+def redis_serving(overlay: str, url: str) -> dict:
+    """The container of the in-cluster Redis that `url` reaches (through its Service)."""
+    service = named(overlay, "Service", urlsplit(url).hostname)
+    (deployment,) = [doc for doc in objects(overlay, "Deployment")
+                     if selects(service["spec"]["selector"], doc["spec"]["template"]["metadata"]["labels"])]
+    (box,) = deployment["spec"]["template"]["spec"]["containers"]
+    return deployment | {"container": box}
+
+
+def redis_options(box: dict) -> dict[str, str]:
+    args = box["args"]
+    return {args[i].removeprefix("--"): args[i + 1] for i in range(0, len(args), 2)}
+
+
+@each_overlay
+def test_jobs_live_in_a_durable_redis_apart_from_the_evicting_cache(overlay, monkeypatch, tmp_path):
+    """The job Redis keeps every key (noeviction) in an append-only file on a persistent volume, the cache Redis
+    evicts and keeps nothing; a real redis-server run with each one's options passes (jobs) or fails (cache) the
+    service's start-up check."""
+    settings = settings_of(overlay, monkeypatch)
+    jobs, cache = redis_serving(overlay, settings.jobs_redis_url), redis_serving(overlay, settings.redis_url)
+    assert jobs["metadata"]["name"] != cache["metadata"]["name"]
+    options = redis_options(jobs["container"])
+    assert options["maxmemory-policy"] == "noeviction"
+    assert options["appendonly"] == "yes" and options["appendfsync"] == "everysec"
+    (data,) = [mount for mount in jobs["container"]["volumeMounts"] if mount["mountPath"] == options["dir"]]
+    volumes = {volume["name"]: volume for volume in jobs["spec"]["template"]["spec"]["volumes"]}
+    claim = volumes[data["name"]]["persistentVolumeClaim"]["claimName"]
+    assert named(overlay, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert jobs["spec"]["replicas"] == 1 and jobs["spec"]["strategy"]["type"] == "Recreate"
+    assert redis_options(cache["container"])["maxmemory-policy"] == "allkeys-lru"
+    for box, durable in ((jobs["container"], True), (cache["container"], False)):
+        arguments = [arg for pair in redis_options(box).items() if pair[0] != "dir" for arg in (f"--{pair[0]}", pair[1])]
+        redis = RedisServer(tmp_path, arguments=arguments)
+        redis.start()
+        try:
+            store = RedisJobStore(redis.url, 60, 30, 10)
+            if durable:
+                store.check_durable()
+            else:
+                with pytest.raises(EvictingJobStore, match="DSD_JOBS_REDIS_URL"):
+                    store.check_durable()
+        finally:
+            redis.stop()
 
 
 @each_overlay

@@ -4,8 +4,6 @@ Redis (in-process jobs, short result TTL). Tiny profile, 64 px, few steps."""
 import base64
 import io
 import json
-import os
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +17,7 @@ from PIL import Image
 from standardwebhooks import Webhook
 
 from helpers import png_bytes, random_image, unmarked
-from servers import RedisServer, start_service, wait_ready
+from servers import RedisServer, descendants, start_service, wait_ready
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 REFERENCE = png_bytes(random_image(96, 80, seed=3))
@@ -40,20 +38,28 @@ def cluster(tmp_path_factory):
     redis = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=True)
     redis.start()
     shared = dict(redis_url=redis.url, jobs_visibility_timeout_s=str(VISIBILITY_S), max_batch_rows="3",
-                  webhook_secret=SECRET, webhook_allow='["127.0.0.1"]', webhook_backoff_s="0.2")
-    a = start_service(tmp_path_factory.mktemp("a"), **shared)
-    b = start_service(tmp_path_factory.mktemp("b"), **shared, jobs_max_backlog=str(B_BACKLOG))
-    local = start_service(tmp_path_factory.mktemp("local"), jobs_result_ttl_s=str(SHORT_TTL_S), api_key=KEY,
-                          jobs_max_backlog="1", max_batch_rows="3")
+                  webhook_secret=SECRET, webhook_allow='["127.0.0.1"]', webhook_backoff_s="0.2",
+                  webhook_timeout_s="3", webhook_dns_timeout_s="1")
+    settings = {"a": shared, "b": {**shared, "jobs_max_backlog": str(B_BACKLOG)}}
+    found = {name: start_service(tmp_path_factory.mktemp(name), **values) for name, values in settings.items()}
+    found["local"] = start_service(tmp_path_factory.mktemp("local"), jobs_result_ttl_s=str(SHORT_TTL_S), api_key=KEY,
+                                   jobs_max_backlog="1", max_batch_rows="3")
+    found.update(redis=redis, settings=settings, workdirs=tmp_path_factory)
     try:
-        for server in (a, b, local):
-            wait_ready(server)
-        yield {"a": a, "b": b, "local": local, "redis": redis}
+        for name in ("a", "b", "local"):
+            wait_ready(found[name])
+        yield found
     finally:
-        running = [server for server in (a, b, local) if server.process.poll() is None]
+        running = [found[name] for name in ("a", "b", "local") if found[name].process.poll() is None]
         codes = [server.stop() for server in running]
         redis.stop()
     assert codes == [0] * len(running), [server.log_tail() for server in running]
+
+
+def restart(cluster, name: str) -> None:
+    """Start replica `name` again (after it was killed) with its settings."""
+    cluster[name] = start_service(cluster["workdirs"].mktemp(name), **cluster["settings"][name])
+    wait_ready(cluster[name])
 
 
 def body(**overrides) -> dict:
@@ -246,6 +252,9 @@ def test_idempotency_key_same_body_different_body_and_concurrent_duplicates(clus
         ({"webhook": "ftp://127.0.0.1/hook"}, "webhook"),
         ({"webhook": "http://10.0.0.1/hook"}, "webhook"),
         ({"webhook": "http://[::1]:9/hook"}, "webhook"),
+        ({"webhook": "http://[64:ff9b::a9fe:a9fe]/hook"}, "webhook"),
+        ({"webhook": "http://224.0.0.1/hook"}, "webhook"),
+        ({"webhook": f"http://{'a' * 64}.example.com/hook"}, "webhook"),
         ({"webhook_events": ["job.exploded"]}, "webhook_events"),
         ({"mode": "sketch"}, "mode"),
     ],
@@ -366,6 +375,7 @@ def test_queued_jobs_survive_a_redis_restart(cluster):
         assert [(view["status"], view["position"]) for view in views] == [("queued", 1), ("queued", 2), ("queued", 3)]
         refused = submit(b, seed=9)
         assert len(blockers + queued) >= B_BACKLOG and refused.status_code == 429, refused.text
+        cancel_queued_job_tells_its_webhook(a, b, redis, queued)
         redis.restart()
     finally:
         cancelled = [httpx.post(f"{b.url}/v1/jobs/{job_id}/cancel", timeout=10).status_code for job_id in blockers]
@@ -375,25 +385,101 @@ def test_queued_jobs_survive_a_redis_restart(cluster):
     assert set(ends) <= {(202, "canceled"), (202, "succeeded"), (409, "succeeded")}, ends
 
 
-def ancestors(pid: int) -> list[int]:
-    """The parent process ids of `pid` (BentoML's workers run in sessions of their own)."""
-    chain = []
-    while pid > 1:
-        pid = int(open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[1])
-        chain.append(pid)
-    return chain
+def cancel_queued_job_tells_its_webhook(a, b, redis, queued: list[str]) -> None:
+    """A queued job cancelled behind `queued` ends at once, leaves the queue and sends `job.canceled`."""
+    receiver = Receiver(failures=0)
+    try:
+        job = submit(a, seed=5, webhook=receiver.url).json()
+        assert job["status"] == "queued" and job["position"] == len(queued) + 1
+        length = redis.client().xlen("dsd:jobs")
+        cancelled = httpx.post(f"{b.url}/v1/jobs/{job['id']}/cancel", timeout=10)
+        assert cancelled.status_code == 202 and cancelled.json()["status"] == "canceled"
+        assert redis.client().xlen("dsd:jobs") == length - 1, "its entry no longer counts toward the backlog"
+        end = time.monotonic() + 30
+        while not receiver.deliveries and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        receiver.server.shutdown()
+    (delivery,) = receiver.deliveries
+    assert delivery[1]["webhook-id"] == f"{job['id']}.canceled"
+    assert Webhook(SECRET).verify(delivery[2], delivery[1])["data"]["status"] == "canceled"
+
+
+class BlockingReceiver:
+    """A loopback webhook receiver: the first attempt gets 500, the second is held until `release` and then
+    accepted (204), later ones are accepted at once. `accepted` lists the `webhook-id` of every accepted attempt; an
+    application handles each id once, as Standard Webhooks asks."""
+
+    def __init__(self):
+        self.attempts: list[dict] = []
+        self.accepted: list[str] = []
+        self.holding, self.release = threading.Event(), threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers["content-length"]))
+                Webhook(SECRET).verify(data, dict(self.headers))
+                receiver.attempts.append(dict(self.headers))
+                if len(receiver.attempts) == 1:
+                    self.answer(500)
+                    return
+                if len(receiver.attempts) == 2:
+                    receiver.holding.set()
+                    receiver.release.wait(60)
+                receiver.accepted.append(self.headers["webhook-id"])
+                self.answer(204)
+
+            def answer(self, status: int) -> None:
+                try:
+                    self.send_response(status)
+                    self.end_headers()
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def owner_of(cluster, consumer: str) -> str:
+    """The replica (a or b) whose process runs the job-store consumer `consumer` (host-pid-suffix)."""
+    return "a" if int(consumer.split("-")[-2]) in descendants(cluster["a"].process.pid) else "b"
+
+
+def test_a_webhook_outlives_the_replica_sending_it(cluster):
+    receiver = BlockingReceiver()
+    try:
+        job = submit(cluster["a"], webhook=receiver.url, webhook_events=["job.succeeded"]).json()
+        assert receiver.holding.wait(60), "the second attempt never came"
+        message = f"{job['id']}.succeeded"
+        sender = cluster["redis"].client().hget(f"dsd:webhook:{message}", "sender").decode()
+        victim = owner_of(cluster, sender)
+        cluster[victim].kill()
+        receiver.release.set()
+        end = time.monotonic() + 60
+        while len(receiver.attempts) < 3 or cluster["redis"].client().zcard("dsd:webhooks:due"):
+            assert time.monotonic() < end, receiver.attempts
+            time.sleep(0.05)
+    finally:
+        receiver.release.set()
+        receiver.server.shutdown()
+    assert {headers["webhook-id"] for headers in receiver.attempts} == {message}
+    assert len(receiver.accepted) >= 2, "the killed replica's attempt was accepted, and the survivor sent it again"
+    assert set(receiver.accepted) == {message}, "after deduplication by webhook-id the application saw one event"
+    restart(cluster, victim)
 
 
 def test_a_job_of_a_killed_replica_finishes_on_the_other_stored_once(cluster):
-    a, b, redis = cluster["a"], cluster["b"], cluster["redis"]
+    a, redis = cluster["a"], cluster["redis"]
     job = submit(a, steps=100, num_images=2).json()
     wait_for(a, job["id"], until=lambda view: view["progress"]["step"] >= 2)
-    owner = redis.client().hget(f"dsd:job:{job['id']}", "replica").decode()
-    pid = int(owner.split("-")[-2])
-    victim, survivor = (a, b) if a.process.pid in ancestors(pid) else (b, a)
-    os.kill(pid, signal.SIGKILL)
-    os.killpg(victim.process.pid, signal.SIGKILL)
-    victim.process.wait()
+    victim = owner_of(cluster, redis.client().hget(f"dsd:job:{job['id']}", "replica").decode())
+    survivor = cluster["b" if victim == "a" else "a"]
+    cluster[victim].kill()
     assert httpx.get(f"{survivor.url}/v1/jobs/{job['id']}", timeout=10).json()["status"] == "running"
     reclaimed_before = survivor.metric("dsd_jobs_reclaimed_total")
     finished_before = survivor.metric("dsd_jobs_finished_total", state="succeeded")

@@ -6,6 +6,7 @@ output (threshold 0)."""
 
 import base64
 import io
+import time
 
 import grpc
 import httpx
@@ -174,3 +175,41 @@ def test_blocked_output_leaks_no_image_and_unsigned_mode_is_reported(servers):
     log = strict.log.read_text()
     assert "safety checks: input OFF (not configured)" in log
     assert "request prov-rest: output check block (label 'nsfw'" in log
+
+
+def wait_for_job(server, job_id: str, timeout: float = 120) -> dict:
+    end = time.monotonic() + timeout
+    while (view := httpx.get(f"{server.url}/v1/jobs/{job_id}", timeout=10).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < end, view
+        time.sleep(0.05)
+    return view
+
+
+def test_jobs_refuse_an_unconsented_reference_at_submission(servers):
+    guarded, _, _ = servers
+    body = dict(image=base64.b64encode(REFERENCE).decode(), prompt="the same toy on a beach", steps=2, size=64)
+    for response in (httpx.post(f"{guarded.url}/v1/jobs", json=body, timeout=60),
+                     httpx.post(f"{guarded.url}/generate", json=body, timeout=60,
+                                headers={"Idempotency-Key": f"consent-{time.time_ns()}"})):
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "content_policy" and error["field"] == "consent"
+    channel, stub = grpc_stub(guarded)
+    with channel, pytest.raises(grpc.RpcError) as raised:
+        stub.SubmitJob(pb.SubmitJobRequest(request=grpc_request(size=64, consent=False)), timeout=60)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert dict(raised.value.trailing_metadata())["field"] == "consent"
+
+
+def test_a_job_whose_output_is_withheld_ends_with_content_policy(servers):
+    _, strict, _ = servers
+    body = dict(image=base64.b64encode(REFERENCE).decode(), prompt="the same toy on a beach", steps=2, size=64)
+    job = httpx.post(f"{strict.url}/v1/jobs", json=body, timeout=60)
+    assert job.status_code == 202, job.text
+    view = wait_for_job(strict, job.json()["id"])
+    assert view["status"] == "failed" and view["error"]["code"] == "content_policy", view
+    assert "output" in view["error"]["message"] and view["result"] is None
+    keyed = httpx.post(f"{strict.url}/generate", json=body, headers={"Idempotency-Key": f"out-{time.time_ns()}"},
+                       timeout=120)
+    assert keyed.status_code == 422, keyed.text
+    assert keyed.json()["error"]["code"] == "content_policy" and len(keyed.content) < 1024
