@@ -107,6 +107,11 @@ class GenerateResponse(BaseModel):
         None, description="the prompt the images were generated from when prompt enhancement replaced the request's "
         "prompt; null when the request's prompt was used as given",
     )
+    provenance_id: str | None = Field(
+        None, description="the id the images' watermark (as `provenance_tag`) and C2PA manifest carry: made by the "
+        "server for this request, unlike `request_id`, which the client may choose; null when the job's stored "
+        "result does not record it",
+    )
 
 
 class ErrorBody(BaseModel):
