@@ -274,10 +274,15 @@ def test_a_request_id_is_echoed_only_when_it_is_a_short_token():
 
 def test_a_trickled_request_head_gets_408_after_header_read_timeout_s(server):
     port = int(server.url.rsplit(":", 1)[1])
-    results = {}
-    trickle(port, results, "head", threading.Event(), start=b"GET /livez HTTP/1.1\r\nX-Slow: ")
-    kept_alive = b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /livez HTTP/1.1\r\nX-Slow: "
-    trickle(port, results, "second head", threading.Event(), start=kept_alive)
+    results, give_up = {}, threading.Event()
+    timer = threading.Timer(HEAD_TIMEOUT_S + 30, give_up.set)
+    timer.start()
+    try:
+        trickle(port, results, "head", give_up, start=b"GET /livez HTTP/1.1\r\nX-Slow: ")
+        kept_alive = b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /livez HTTP/1.1\r\nX-Slow: "
+        trickle(port, results, "second head", give_up, start=kept_alive)
+    finally:
+        timer.cancel()
     for elapsed, reply in results.values():
         assert HEAD_TIMEOUT_S <= elapsed < HEAD_TIMEOUT_S + 10, elapsed
         assert b"408 Request Timeout" in reply and b"header_read_timeout_s=2 s" in reply
