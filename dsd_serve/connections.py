@@ -40,27 +40,27 @@ class HeadTimeoutProtocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
-        self._waiting_after = None
-        self._arm()
+        self._arm(after=None)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         self._disarm_once_a_head_arrived()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        answered = self.cycle
+        super().on_response_complete()  # may start the next request of a pipeline already received
         if not self.transport.is_closing():
-            self._arm()
+            self._arm(after=answered)
             self._disarm_once_a_head_arrived()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    def _arm(self) -> None:
-        """Wait for a request head that is not that of the current request (uvicorn makes a new cycle for each)."""
+    def _arm(self, after) -> None:
+        """Wait for the head of a request after the one of cycle `after` (uvicorn makes a cycle for each request)."""
         self._disarm()
-        self._waiting_after = self.cycle
+        self._waiting_after = after
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._timed_out)
 
     def _disarm(self) -> None:

@@ -290,6 +290,25 @@ def test_a_trickled_request_head_gets_408_after_header_read_timeout_s(server):
     assert httpx.get(f"{server.url}/livez", timeout=30).status_code == 200
 
 
+def test_a_pipelined_request_that_runs_past_the_head_timeout_is_answered(server):
+    """The head timeout runs only while a head is awaited: a request read from the same packet as the one before it
+    (HTTP/1.1 pipelining) may run longer than header_read_timeout_s."""
+    port = int(server.url.rsplit(":", 1)[1])
+    payload = json.dumps(body(steps=100, size=128, num_images=3)).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        sock.settimeout(120)
+        reply = b""
+        while reply.count(b"HTTP/1.1 ") < 2 or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, reply[:300]
+            reply += chunk
+    first, second = reply.split(b"HTTP/1.1 ")[1:3]
+    assert first.startswith(b"200") and second.startswith(b"200"), reply[:300]
+
+
 def test_trickling_bodies_lose_their_upload_slots_at_the_minimum_rate(tmp_path):
     """As many trickling bodies as there are upload slots (the default 64) hold them for body_rate_grace_s, not for
     body_read_timeout_s (120 s by default): a normal request gets through long before."""
