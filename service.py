@@ -24,18 +24,18 @@ import threading
 import time
 
 import bentoml
-from pydantic import ValidationError
 
 from dsd_model.settings import Settings
 from dsd_serve import connections
-from dsd_serve.grpc_server import GrpcServer
+from dsd_serve.grpc_server import GrpcServer, tls_files
 from dsd_serve.http import LineBreakPaths, create_app
 from dsd_serve.jobs import Jobs
 
 logger = logging.getLogger("dsd_serve")
 try:
     settings = Settings()
-except ValidationError as exc:
+    tls_files(settings)
+except ValueError as exc:  # pydantic's ValidationError is one
     raise SystemExit(f"invalid DSD_* setting: {exc}") from exc
 connections.install(settings.header_read_timeout_s)
 app = create_app()

@@ -6,7 +6,7 @@ Secrets (the API key) and process plumbing come from the environment; everything
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,18 +30,6 @@ def resolve_dtype(dtype: str, device: str):
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return getattr(torch, dtype)
-
-
-def read_pem(setting: str, path: Path, kind: str, load: Callable[[bytes], object]):
-    """`load` applied to the PEM file `path`; a `ValueError` naming `setting` when it cannot be read or loaded."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"{setting} {str(path)!r} cannot be read: {exc.strerror}") from exc
-    try:
-        return load(data)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{setting} {str(path)!r} is not a PEM {kind} ({exc})") from exc
 
 
 class Settings(BaseSettings):
@@ -444,26 +432,6 @@ class Settings(BaseSettings):
                 f"drain_timeout_s ({self.drain_timeout_s}) must exceed max_deadline_s ({self.max_deadline_s}) so that "
                 "shutdown never cuts a request that is still within its deadline"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _check_tls_files(self) -> "Settings":
-        """Read the gRPC TLS files now, so that a missing, unreadable or mismatched one stops the start, naming its
-        setting, instead of failing every start of the server after it."""
-        if self.grpc_tls_cert is None or self.grpc_tls_key is None:
-            return self
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-
-        chain = read_pem("DSD_GRPC_TLS_CERT", self.grpc_tls_cert, "certificate chain", x509.load_pem_x509_certificates)
-        key = read_pem("DSD_GRPC_TLS_KEY", self.grpc_tls_key, "unencrypted private key",
-                       lambda data: serialization.load_pem_private_key(data, password=None))
-        public = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        if key.public_key().public_bytes(*public) != chain[0].public_key().public_bytes(*public):
-            raise ValueError(f"DSD_GRPC_TLS_KEY {str(self.grpc_tls_key)!r} is not the private key of the first "
-                             f"certificate in DSD_GRPC_TLS_CERT {str(self.grpc_tls_cert)!r}")
-        if self.grpc_tls_client_ca is not None:
-            read_pem("DSD_GRPC_TLS_CLIENT_CA", self.grpc_tls_client_ca, "CA bundle", x509.load_pem_x509_certificates)
         return self
 
     @property

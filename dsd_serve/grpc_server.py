@@ -17,7 +17,8 @@ import threading
 import time
 from contextlib import aclosing, asynccontextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -279,14 +280,53 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
         return convert.to_job(await self._jobs().cancel(ids.check_job_id(request.id)))
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the settings' PEM files (checked when the settings were read), requiring client
-    certificates when a client CA is set; None for plaintext."""
+def read_pem(setting: str, path: Path, kind: str, load: Callable[[bytes], object]) -> tuple[bytes, object]:
+    """The bytes of the PEM file `path` and what `load` makes of them; a `ValueError` naming `setting` when the file
+    cannot be read or loaded."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{setting} {str(path)!r} cannot be read: {exc.strerror}") from exc
+    try:
+        return data, load(data)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{setting} {str(path)!r} is not a PEM {kind} ({exc})") from exc
+
+
+def tls_files(settings: Settings) -> tuple[bytes, bytes, bytes | None] | None:
+    """The PEM private key, certificate chain and client CA bundle (or None) the settings name, checked: each file
+    readable and loadable, and the key that of the chain's first certificate; None for plaintext. A `ValueError`
+    names the setting at fault. `service.py` calls it before the server starts, so a bad file stops the start
+    instead of failing every start of the worker."""
     if settings.grpc_tls_cert is None or settings.grpc_tls_key is None:
         return None
-    client_ca = settings.grpc_tls_client_ca.read_bytes() if settings.grpc_tls_client_ca is not None else None
-    return grpc.ssl_server_credentials([(settings.grpc_tls_key.read_bytes(), settings.grpc_tls_cert.read_bytes())],
-                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    chain, certificates = read_pem("DSD_GRPC_TLS_CERT", settings.grpc_tls_cert, "certificate chain",
+                                   x509.load_pem_x509_certificates)
+    key, private_key = read_pem("DSD_GRPC_TLS_KEY", settings.grpc_tls_key, "unencrypted private key",
+                                lambda data: serialization.load_pem_private_key(data, password=None))
+    public = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private_key.public_key().public_bytes(*public) != certificates[0].public_key().public_bytes(*public):
+        raise ValueError(f"DSD_GRPC_TLS_KEY {str(settings.grpc_tls_key)!r} is not the private key of the first "
+                         f"certificate in DSD_GRPC_TLS_CERT {str(settings.grpc_tls_cert)!r}")
+    client_ca = None
+    if settings.grpc_tls_client_ca is not None:
+        client_ca, _ = read_pem("DSD_GRPC_TLS_CLIENT_CA", settings.grpc_tls_client_ca, "CA bundle",
+                                x509.load_pem_x509_certificates)
+    return key, chain, client_ca
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files (`tls_files`), requiring client certificates when a client CA is
+    set; None for plaintext."""
+    files = tls_files(settings)
+    if files is None:
+        return None
+    key, chain, client_ca = files
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 class GrpcServer:

@@ -22,10 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from pydantic import ValidationError
 
 from dsd_model.settings import Settings
-from dsd_serve.grpc_server import GrpcServer, status_for
+from dsd_serve.grpc_server import GrpcServer, status_for, tls_files
 from dsd_serve.grpc_stubs import dsd_pb2 as pb
 from dsd_serve.grpc_stubs import dsd_pb2_grpc
 from dsd_serve.runtime import Runtime
@@ -408,7 +407,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(tls):
     assert list(response.seeds) == [5] and response.images[0].startswith(b"\x89PNG")
 
 
-def test_unreadable_or_mismatched_tls_files_are_invalid_settings(tmp_path):
+def test_unreadable_or_mismatched_tls_files_are_refused_naming_the_setting(tmp_path):
     certificates = write_certificates(tmp_path)
     (tmp_path / "key.pem").write_text("not a key")
     (tmp_path / "unreadable.pem").write_bytes(certificates["server_key"].read_bytes())
@@ -426,8 +425,10 @@ def test_unreadable_or_mismatched_tls_files_are_invalid_settings(tmp_path):
         cases[(certificates["server"], tmp_path / "unreadable.pem", None)] = (
             r"DSD_GRPC_TLS_KEY '.*unreadable.pem' cannot be read: Permission denied")
     for (cert, key, client_ca), message in cases.items():
-        with pytest.raises(ValidationError, match=message):
-            Settings(grpc_tls_cert=cert, grpc_tls_key=key, grpc_tls_client_ca=client_ca)
+        with pytest.raises(ValueError, match=message):
+            tls_files(Settings(grpc_tls_cert=cert, grpc_tls_key=key, grpc_tls_client_ca=client_ca))
+    files = tls_files(Settings(grpc_tls_cert=certificates["server"], grpc_tls_key=certificates["server_key"]))
+    assert files == (certificates["server_key"].read_bytes(), certificates["server"].read_bytes(), None)
 
 
 def test_example_client_speaks_mutual_tls(tls, tmp_path):
