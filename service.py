@@ -1,8 +1,9 @@
 """The BentoML service: a thin shell around the HTTP app and the model runtime.
 
 Resources and traffic live in the decorator; the model loads on a background thread after the server starts, so
-`/livez` answers during a long load and `/readyz` turns ready only after the engine's warm-up. The settings are
-read when this module is imported, so `bentoml serve` exits at once, naming the setting, when one is invalid.
+`/livez` answers during a long load and `/readyz` turns ready only after the engine's warm-up. The settings (and the
+gRPC TLS files they name) are read when this module is imported, so `bentoml serve` exits at once, naming the
+setting, when one is invalid.
 
 On SIGTERM the engine stops admitting at once and `/readyz` fails; the HTTP server keeps accepting connections and
 answers new requests 503 with Retry-After while queued and running requests finish (at most `DSD_DRAIN_TIMEOUT_S`);
