@@ -1,9 +1,9 @@
 """The BentoML service: a thin shell around the HTTP app and the model runtime.
 
 Resources and traffic live in the decorator; the model loads on a background thread after the server starts, so
-`/livez` answers during a long load and `/readyz` turns ready only after the engine's warm-up. The settings are
-read when this module is imported, so `bentoml serve` exits at once, naming the setting, when one is invalid; so
-does a job store whose Redis may evict jobs (`DSD_JOBS_REDIS_URL`).
+`/livez` answers during a long load and `/readyz` turns ready only after the engine's warm-up. The settings (and the
+gRPC TLS files they name) are read when this module is imported, so `bentoml serve` exits at once, naming the
+setting, when one is invalid; so does a job store whose Redis may evict jobs (`DSD_JOBS_REDIS_URL`).
 
 On SIGTERM the engine stops admitting at once and `/readyz` fails; the HTTP server keeps accepting connections and
 answers new requests 503 with Retry-After while queued and running requests finish (at most `DSD_DRAIN_TIMEOUT_S`);
@@ -11,7 +11,8 @@ only then does uvicorn's own shutdown run, which lets the last responses go out.
 (`DSD_GRPC_PORT`, 0 disables it) shares the runtime and listens from the start; its health is SERVING only between
 the warm-up and SIGTERM, and it stops after the engine drained. Jobs (`/v1/jobs`) are claimed from the shared queue
 once the model is ready; on SIGTERM the replica stops claiming, and the jobs it runs finish and store their results
-before it exits.
+before it exits. Clients that trickle a request's head are cut off by the HTTP protocol `dsd_serve.connections`
+installs into uvicorn before BentoML starts it.
 
     BENTOML_DO_NOT_TRACK=True bentoml serve service:DSDService --port 3000
 """
@@ -24,11 +25,11 @@ import threading
 import time
 
 import bentoml
-from pydantic import ValidationError
 
 from dsd_model.settings import Settings
-from dsd_serve.grpc_server import GrpcServer
-from dsd_serve.http import create_app
+from dsd_serve import connections
+from dsd_serve.grpc_server import GrpcServer, tls_files
+from dsd_serve.http import LineBreakPaths, create_app
 from dsd_serve.image_urls import ImageURLs
 from dsd_serve.job_store import EvictingJobStore, open_store
 from dsd_serve.jobs import Jobs
@@ -36,14 +37,24 @@ from dsd_serve.jobs import Jobs
 logger = logging.getLogger("dsd_serve")
 try:
     settings = Settings()
-except ValidationError as exc:
+    tls_files(settings)
+except ValueError as exc:  # pydantic's ValidationError is one
     raise SystemExit(f"invalid DSD_* setting: {exc}") from exc
 try:
     if settings.resolved_jobs_redis_url:
         open_store(settings).close()
 except EvictingJobStore as exc:
     raise SystemExit(f"invalid job store: {exc}") from exc
+connections.install(settings.header_read_timeout_s)
 app = create_app()
+
+
+@app.get("/docs.json", include_in_schema=False)
+def openapi_document() -> dict:
+    """BentoML's OpenAPI document of the service (its probes and metrics beside the routes of `app`), declared as the
+    version its schemas are written in: FastAPI writes OpenAPI 3.1 (`anyOf` with `null`, numeric
+    `exclusiveMinimum`), which BentoML would label 3.0.2. The mounted app answers this path before BentoML does."""
+    return {**DSDService.openapi_spec.asdict(), "openapi": "3.1.0"}
 
 
 @bentoml.asgi_app(app, path="/")
@@ -123,3 +134,6 @@ class DSDService:
             self.drain_engine()
         if self.grpc is not None:
             self.grpc.stop()
+
+
+DSDService.add_asgi_middleware(LineBreakPaths, target=app)

@@ -105,7 +105,7 @@ def costs(image: Image.Image, repeats: int) -> None:
 
     mark = Watermark("dsd-serve")
     marked = mark.embed(image, "request-0")
-    claim = Claim(request_id="request-0", model="bench", adapter="identity", profile="tiny")
+    claim = Claim(request_id="request-0", provenance_id="request-0", model="bench", adapter="identity", profile="tiny")
     rows = [("watermark embed", median_ms(lambda: mark.embed(image, "request-0"), repeats)),
             ("watermark read", median_ms(lambda: mark.read(marked), repeats))]
     with tempfile.TemporaryDirectory() as tmp:

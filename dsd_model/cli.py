@@ -27,10 +27,10 @@ def _generate(args: argparse.Namespace) -> None:
     if output_format is None:
         raise InputError("--out", f"suffix {out.suffix!r} is not one of {', '.join(OUTPUT_FORMATS)}")
     settings = Settings()
-    request_id = f"cli-{uuid.uuid4().hex}"
+    provenance_id = f"cli-{uuid.uuid4().hex}"
     image = decode_image(args.image, "--image")
     outputs = OutputStage(settings)
-    outputs.safety.check_input(image, consent=args.consent, request_id=request_id)
+    outputs.safety.check_input(image, consent=args.consent, request_id=provenance_id)
     pipe = load_pipeline(settings)
     adapter = _named_adapter(pipe, settings, args.adapter) if args.adapter else adapter_for_mode(pipe, args.mode)
     pipe.set_progress_bar_config(disable=False, desc="denoising")
@@ -46,13 +46,13 @@ def _generate(args: argparse.Namespace) -> None:
         full_canvas=args.full_canvas,
         adapter=adapter,
     )
-    claim = Claim(request_id=request_id, model=outputs.model_name, adapter=adapter, profile=pipe.profile,
-                  prompt=args.prompt)
+    claim = Claim(request_id=provenance_id, provenance_id=provenance_id, model=outputs.model_name, adapter=adapter,
+                  profile=pipe.profile, prompt=args.prompt)
     data = outputs.finish(result.images[0], output_format, claim)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     print(f"wrote {out} (seed {result.seeds[0]}, profile {pipe.profile}, adapter {adapter or 'none'}, "
-          f"request id {request_id})")
+          f"provenance id {provenance_id})")
     if pipe.profile == "tiny":
         print(TINY_NOTICE)
 
@@ -81,7 +81,7 @@ def _convert(args: argparse.Namespace) -> None:
     )
 
 
-def _verify(args: argparse.Namespace) -> None:
+def _verify(args: argparse.Namespace) -> int:
     from .serving.provenance import verify
     from .settings import Settings
 
@@ -91,7 +91,9 @@ def _verify(args: argparse.Namespace) -> None:
     settings = Settings()
     service_id = args.service_id or settings.watermark_service_id
     trust_anchors = args.trust_anchors or settings.c2pa_trust_anchors
-    print(json.dumps(verify(path.read_bytes(), service_id, trust_anchors), indent=2))
+    report = verify(path.read_bytes(), service_id, trust_anchors)
+    print(json.dumps(report, indent=2))
+    return 0 if report["watermark"]["present"] or report["c2pa"]["present"] else 1
 
 
 def _publish(args: argparse.Namespace) -> None:
@@ -141,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--lora-scale", type=float, default=1.0, help="scale of a folded LoRA (official: 1.0)")
     conv.set_defaults(handler=_convert)
 
-    ver = sub.add_parser("verify", help="read an image's provenance: the invisible watermark and C2PA credentials")
+    ver = sub.add_parser("verify", help="read an image's provenance: the invisible watermark and C2PA credentials",
+                         description="Print the image's provenance as JSON. Exit status: 0 when a watermark of the "
+                         "service or C2PA credentials are found, 1 when neither is, 2 when the file cannot be read "
+                         "as an image.")
     ver.add_argument("image", help="image file (PNG, JPEG or WebP)")
     ver.add_argument("--service-id", default=None, help="watermark service id (default: DSD_WATERMARK_SERVICE_ID)")
     ver.add_argument("--trust-anchors", default=None,
@@ -180,14 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its handler returns the exit status, or None for 0. A refused input is 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        status = args.handler(args)
     except (InputError, WeightsError, ContentPolicyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

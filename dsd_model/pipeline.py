@@ -281,8 +281,11 @@ class DSDPipeline(DiffusionPipeline):
         return prompt_embeds.to(dtype=dtype), pooled.to(dtype=dtype)
 
     def check_prompt(self, prompt: str, field: str = "prompt") -> list[str]:
-        """Refuse a prompt longer than the T5 window (`max_sequence_length` tokens) with an `InputError` naming
-        `field`; return a notice when it is longer than CLIP's window, whose pooled embedding reads only the start."""
+        """Refuse a prompt longer than `MAX_PROMPT_CHARS` or the T5 window (`max_sequence_length` tokens) with an
+        `InputError` naming `field`; return a notice when it is longer than CLIP's window, whose pooled embedding reads
+        only the start."""
+        if len(prompt) > limits.MAX_PROMPT_CHARS:
+            raise InputError(field, f"has {len(prompt)} characters; the limit is {limits.MAX_PROMPT_CHARS}")
         with self._tokenizer_lock:
             t5_tokens = len(self.tokenizer_2(prompt, verbose=False).input_ids)
             clip_tokens = len(self.tokenizer(prompt, verbose=False).input_ids)

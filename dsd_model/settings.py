@@ -251,6 +251,23 @@ class Settings(BaseSettings):
         "(20 MiB) arrives in 120 s at 1.4 Mbit/s, a slow mobile uplink, while a client that trickles bytes to hold "
         "a connection is cut off.",
     )
+    header_read_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Time to receive a request's line and headers, from the connection's start or "
+        "the end of the previous response, before 408 and a closed connection (nginx's client_header_timeout). A "
+        "request head is a few KB at most, sent in well under a second even on a slow mobile link, while a client "
+        "that trickles it to hold a connection is cut off; uvicorn has no such limit of its own.",
+    )
+    body_min_rate_bytes_s: int = Field(
+        8192, ge=1, le=2**30, description="Slowest average rate of a request body after body_rate_grace_s before "
+        "408 (Apache mod_reqtimeout's MinRate): every byte received adds 1/rate s to the body's time, up to "
+        "body_read_timeout_s. 8 KiB/s (64 kbit/s) is below any uplink that can send a reference within "
+        "body_read_timeout_s, while clients that trickle a few bytes a second to hold the upload slots "
+        "(max_concurrent_uploads) lose them after the grace instead of after body_read_timeout_s.",
+    )
+    body_rate_grace_s: float = Field(
+        10.0, gt=0, le=600, description="Time a request body may take before body_min_rate_bytes_s applies: room for "
+        "TCP slow start and a mobile link's stall at the start of an upload.",
+    )
     max_concurrent_uploads: int = Field(
         64, ge=1, le=10_000, description="Request bodies read at once per replica before 503; as many as the "
         "admission queue holds, and it bounds body memory and the /tmp spool at 64 x 20 MiB = 1.25 GiB.",

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from google.protobuf import empty_pb2, unknown_fields
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
 from .grpc_stubs import dsd_pb2 as pb
 from .schemas import GenerateParams
 
@@ -45,6 +48,25 @@ def to_params(request: pb.GenerateRequest, time_remaining: float | None, max_dea
     return GenerateParams.model_validate(fields)
 
 
+def invalid_utf8_field(data: bytes, descriptor: Descriptor) -> str | None:
+    """The dotted name of the first string field of a serialized `descriptor` message whose value is not UTF-8 (which
+    proto3 requires, so that parsing refuses the whole message without naming the field), or None."""
+    for field in unknown_fields.UnknownFieldSet(empty_pb2.Empty.FromString(data)):
+        known = descriptor.fields_by_number.get(field.field_number)
+        if known is None or field.wire_type != 2:
+            continue
+        if known.type == FieldDescriptor.TYPE_STRING:
+            try:
+                field.data.decode("utf-8")
+            except UnicodeDecodeError:
+                return known.name
+        elif known.type == FieldDescriptor.TYPE_MESSAGE:
+            inner = invalid_utf8_field(field.data, known.message_type)
+            if inner is not None:
+                return f"{known.name}.{inner}"
+    return None
+
+
 NOT_GENERATING = (pb.SubmitJobRequest, pb.JobRef, pb.ListAdaptersRequest)
 """Request messages of the rpcs that queue or read jobs or list adapters rather than generate, so their latency is no
 request latency."""
@@ -70,7 +92,7 @@ def to_response(result: GenerationResult, submission: Submission, runtime: Runti
         timings=pb.Timings(queue_s=result.queue_seconds, run_s=result.run_seconds, total_s=result.total_seconds),
         notice=runtime.notice or "",
         notices=submission.notices,
-        enhanced_prompt=submission.enhanced_prompt or "",
+        enhanced_prompt=submission.enhanced_prompt or "", provenance_id=submission.provenance_id,
         adapter=submission.adapter or "",
         **identity_fields(result.identity_json()),
     )
@@ -123,7 +145,8 @@ def to_job(view: dict, images: list[bytes] | None = None) -> pb.Job:
             images=images, format=FORMAT_VALUES[result["format"]], seeds=result["seeds"],
             mode=MODE_VALUES.get(result["mode"], pb.MODE_UNSPECIFIED), size=result["size"], profile=result["profile"],
             request_id=view["id"], timings=pb.Timings(**result["timings"]), notice=result["notice"] or "",
-            notices=result.get("notices", []), adapter=result.get("adapter") or "", **identity_fields(result),
+            notices=result.get("notices", []), provenance_id=result.get("provenance_id") or "",
+            adapter=result.get("adapter") or "", **identity_fields(result),
         ))
     return job
 

@@ -15,11 +15,10 @@ import hmac
 import logging
 import threading
 import time
-import uuid
 from contextlib import aclosing, asynccontextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -33,10 +32,10 @@ from dsd_model.serving import metrics
 from dsd_model.settings import Settings
 
 from . import grpc_convert as convert
+from . import ids
 from .grpc_stubs import dsd_pb2, dsd_pb2_grpc
 from .jobs import TERMINAL, JobEnded, JobNotFound, Jobs, JobSpec, JobStoreError, caller_of
 from .webhooks import EVENTS
-from .http import REQUEST_ID
 
 if TYPE_CHECKING:
     from .runtime import Runtime, Submission
@@ -151,8 +150,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     @asynccontextmanager
     async def _call(self, message: bytes, decode, context):
         started = time.monotonic()
-        supplied = dict(context.invocation_metadata()).get("x-request-id", "")
-        request_id = supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        request_id = ids.request_id(dict(context.invocation_metadata()).get("x-request-id"))
         current_request_id.set(request_id)
         trailing = (("x-request-id", request_id),)
         context.set_trailing_metadata(trailing)
@@ -179,9 +177,15 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         try:
             return decode(message)
         except DecodeError as exc:
-            name = decode.__self__.DESCRIPTOR.full_name
+            descriptor = decode.__self__.DESCRIPTOR
+            try:
+                field = convert.invalid_utf8_field(message, descriptor)
+            except DecodeError:
+                field = None
+            if field is not None:
+                raise InputError(field, "is not valid UTF-8") from exc
             raise RpcFault(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"the request ({len(message)} bytes) is not a serialized {name} message",
+                           f"the request ({len(message)} bytes) is not a serialized {descriptor.full_name} message",
                            "invalid_argument") from exc
 
     def _authenticate(self, context) -> None:
@@ -244,7 +248,7 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
 
     async def _job(self, job_id: str) -> dsd_pb2.Job:
         jobs = self._jobs()
-        view = await jobs.view(job_id)
+        view = await jobs.view(ids.check_job_id(job_id))
         return convert.to_job(view, await jobs.images(view) if view["status"] == "succeeded" else None)
 
     async def SubmitJob(self, request, context):
@@ -261,6 +265,7 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
 
     async def WatchJob(self, request, context):
         jobs, last = self._jobs(), None
+        ids.check_job_id(request.id)
         async with jobs.watch(request.id) as changed:
             while True:
                 view = await jobs.view(request.id)
@@ -274,33 +279,58 @@ class DSDServicer(dsd_pb2_grpc.DSDServiceServicer):
                 await changed(WATCH_TIMEOUT_S)
 
     async def CancelJob(self, request, context):
-        return convert.to_job(await self._jobs().cancel(request.id))
+        return convert.to_job(await self._jobs().cancel(ids.check_job_id(request.id)))
 
     async def ListAdapters(self, request, context):
         runtime = self._ready_runtime()
         return convert.to_adapters(runtime, await asyncio.to_thread(runtime.adapters))
 
 
-def read_pem(path: Path, setting: str) -> bytes:
+def read_pem(setting: str, path: Path, kind: str, load: Callable[[bytes], object]) -> tuple[bytes, object]:
+    """The bytes of the PEM file `path` and what `load` makes of them; a `ValueError` naming `setting` when the file
+    cannot be read or loaded."""
     try:
-        data = path.read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"{setting} {str(path)!r} cannot be read: {exc.strerror}") from exc
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{setting} {str(path)!r} is not a PEM file (no -----BEGIN line)")
-    return data
+    try:
+        return data, load(data)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{setting} {str(path)!r} is not a PEM {kind} ({exc})") from exc
+
+
+def tls_files(settings: Settings) -> tuple[bytes, bytes, bytes | None] | None:
+    """The PEM private key, certificate chain and client CA bundle (or None) the settings name, checked: each file
+    readable and loadable, and the key that of the chain's first certificate; None for plaintext. A `ValueError`
+    names the setting at fault. `service.py` calls it before the server starts, so a bad file stops the start
+    instead of failing every start of the worker."""
+    if settings.grpc_tls_cert is None or settings.grpc_tls_key is None:
+        return None
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    chain, certificates = read_pem("DSD_GRPC_TLS_CERT", settings.grpc_tls_cert, "certificate chain",
+                                   x509.load_pem_x509_certificates)
+    key, private_key = read_pem("DSD_GRPC_TLS_KEY", settings.grpc_tls_key, "unencrypted private key",
+                                lambda data: serialization.load_pem_private_key(data, password=None))
+    public = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private_key.public_key().public_bytes(*public) != certificates[0].public_key().public_bytes(*public):
+        raise ValueError(f"DSD_GRPC_TLS_KEY {str(settings.grpc_tls_key)!r} is not the private key of the first "
+                         f"certificate in DSD_GRPC_TLS_CERT {str(settings.grpc_tls_cert)!r}")
+    client_ca = None
+    if settings.grpc_tls_client_ca is not None:
+        client_ca, _ = read_pem("DSD_GRPC_TLS_CLIENT_CA", settings.grpc_tls_client_ca, "CA bundle",
+                                x509.load_pem_x509_certificates)
+    return key, chain, client_ca
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the settings' PEM files, requiring client certificates when a client CA is set; None
-    for plaintext. Unreadable files raise `ValueError` naming the setting, so the server refuses to start."""
-    if settings.grpc_tls_cert is None or settings.grpc_tls_key is None:
+    """TLS credentials from the settings' PEM files (`tls_files`), requiring client certificates when a client CA is
+    set; None for plaintext."""
+    files = tls_files(settings)
+    if files is None:
         return None
-    key = read_pem(settings.grpc_tls_key, "DSD_GRPC_TLS_KEY")
-    chain = read_pem(settings.grpc_tls_cert, "DSD_GRPC_TLS_CERT")
-    client_ca = None
-    if settings.grpc_tls_client_ca is not None:
-        client_ca = read_pem(settings.grpc_tls_client_ca, "DSD_GRPC_TLS_CLIENT_CA")
+    key, chain, client_ca = files
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
 

@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import time
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,9 +24,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from dsd_model.errors import ContentPolicyError, DeadlineExceeded, Draining, InputError, QueueFull, RequestCancelled
-from dsd_model.serving import metrics, provenance
-from dsd_model.settings import Settings
+from dsd_model.serving import metrics
 
+from . import ids
 from . import jobs as job_queue
 from . import webhooks
 from .schemas import (
@@ -37,7 +36,6 @@ from .schemas import (
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 DISCONNECT_POLL_S = 0.25
 FORM_OVERHEAD = 64 * 1024
 """Room for the other fields and multipart boundaries beside the image; also the limit of one non-file part."""
@@ -107,6 +105,11 @@ def error_response(exc: BaseException, request_id: str) -> tuple[JSONResponse, s
     return JSONResponse(body.model_dump(), status_code=status, headers=headers), outcome
 
 
+def error_responses(*codes: int) -> dict:
+    """The OpenAPI `responses` of a route that answers these error statuses (`ErrorResponse` bodies)."""
+    return {code: {"model": ErrorResponse} for code in sorted(codes)}
+
+
 def accepted_values(field: str | None) -> str | None:
     """What the request schema accepts for `field`, e.g. `integer from 1 to 100`."""
     schema = REQUEST_FIELDS.get(field or "")
@@ -145,8 +148,8 @@ def authenticate(request: Request, runtime) -> None:
 
 
 class Uploads:
-    """Bounds the request bodies being read: how many at once, and how long each may take to arrive, so clients
-    that trickle bytes cannot hold connections, memory and /tmp."""
+    """Bounds the request bodies being read: how many at once, how long each may take to arrive and how slowly, so
+    clients that trickle bytes cannot hold connections, memory and /tmp, nor the upload slots for long."""
 
     def __init__(self):
         self.reading = 0
@@ -159,11 +162,7 @@ class Uploads:
                               headers={"Retry-After": "1"})
         self.reading += 1
         try:
-            async with asyncio.timeout(settings.body_read_timeout_s):
-                return await read_body(request, limit)
-        except TimeoutError as exc:
-            raise ClientFault(408, "request_timeout", f"the request body did not arrive within the limit of "
-                              f"body_read_timeout_s={settings.body_read_timeout_s:g} s") from exc
+            return await read_body(request, limit, settings)
         finally:
             self.reading -= 1
 
@@ -202,17 +201,52 @@ class CountInFlight:
             self.in_flight.count -= 1
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+class LineBreakPaths:
+    """ASGI middleware for the server's outer app (BentoML's), handing requests whose path holds a line break before
+    its end straight to `target` (this transport's app). BentoML mounts the app with a Starlette `Mount`, whose
+    pattern matches no such path, so they would otherwise get BentoML's plain-text 404 instead of the app's answer
+    (for a job route: the 404 naming `job_id`)."""
+
+    def __init__(self, app, target):
+        self.app = app
+        self.target = target
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and "\n" in scope["path"][:-1]:
+            await self.target(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+async def read_body(request: Request, limit: int, settings) -> bytes:
+    """The body, at most `limit` bytes, arriving within `body_read_timeout_s` and, after `body_rate_grace_s`, at
+    `body_min_rate_bytes_s` on average; else a `ClientFault` naming the limit (413, 408)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ClientFault(413, "payload_too_large", f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    started = asyncio.get_running_loop().time()
+    last_moment = started + settings.body_read_timeout_s
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = aiter(request.stream())
+    while True:
+        rate_deadline = started + settings.body_rate_grace_s + size / settings.body_min_rate_bytes_s
+        try:
+            async with asyncio.timeout_at(min(last_moment, rate_deadline)):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except TimeoutError as exc:
+            if rate_deadline < last_moment:
+                elapsed = asyncio.get_running_loop().time() - started
+                raise ClientFault(408, "request_timeout", f"the request body arrived at {size / elapsed:.0f} bytes/s, "
+                                  f"below the minimum of body_min_rate_bytes_s={settings.body_min_rate_bytes_s} after "
+                                  f"body_rate_grace_s={settings.body_rate_grace_s:g} s") from exc
+            raise ClientFault(408, "request_timeout", f"the request body did not arrive within the limit of "
+                              f"body_read_timeout_s={settings.body_read_timeout_s:g} s") from exc
         size += len(chunk)
         if size > limit:
             raise ClientFault(413, "payload_too_large", f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_json_integer(text: str) -> int | float:
@@ -324,7 +358,7 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
     @app.post(
         "/generate",
         response_model=GenerateResponse,
-        responses={code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)},
+        responses=error_responses(400, 401, 408, 413, 415, 422, 429, 500, 503, 504),
         openapi_extra={
             "requestBody": {
                 "content": {
@@ -345,8 +379,7 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
     async def generate(request: Request):
         """Generate images of the reference's subject following the prompt (identity or structure mode)."""
         started = time.monotonic()
-        supplied = request.headers.get("x-request-id", "")
-        request_id = supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        request_id = ids.request_id(request.headers.get("x-request-id"))
         runtime = request.app.state.runtime
         mode = "unknown"
         try:
@@ -381,33 +414,31 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
             notices=submission.notices,
             enhanced_prompt=submission.enhanced_prompt,
             **result.identity_json(),
+            provenance_id=submission.provenance_id,
         )
         return JSONResponse(body.model_dump(), headers={"X-Request-ID": request_id})
 
     @app.post(
         "/verify",
-        responses={code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 500)},
+        responses=error_responses(401, 408, 413, 415, 422, 500, 503),
         openapi_extra={"requestBody": {"content": {f"image/{kind}": {"schema": {"type": "string", "format": "binary"}}
                                                    for kind in ("png", "jpeg", "webp")}, "required": True}},
     )
     async def verify(request: Request):
         """Read the provenance of an image: this service's invisible watermark and its C2PA Content Credentials.
-        The body is the image itself (Content-Type image/png, image/jpeg or image/webp)."""
-        supplied = request.headers.get("x-request-id", "")
-        request_id = supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
-        runtime = request.app.state.runtime
-        settings = runtime.settings if runtime is not None else Settings()
+        The body is the image itself (Content-Type image/png, image/jpeg or image/webp), read and decoded within
+        the limits of `POST /generate`."""
+        request_id = ids.request_id(request.headers.get("x-request-id"))
         try:
-            if runtime is not None:
-                authenticate(request, runtime)
+            runtime = ready_runtime(request)
+            authenticate(request, runtime)
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if content_type not in VERIFY_TYPES:
                 raise ClientFault(415, "unsupported_media_type", f"content type {content_type or 'none'!r} is not "
                                   f"accepted; send the image itself as one of {', '.join(VERIFY_TYPES)}")
-            image = await read_body(request, settings.max_upload_bytes)
-            report = await asyncio.to_thread(
-                provenance.verify, image, settings.watermark_service_id, settings.c2pa_trust_anchors
-            )
+            uploads: Uploads = request.app.state.uploads
+            image = await uploads.read(request, runtime.settings.max_upload_bytes, runtime.settings)
+            report = await runtime.verify(image)
         except Exception as exc:
             return error_response(exc, request_id)[0]
         return JSONResponse(report, headers={"X-Request-ID": request_id})
@@ -418,7 +449,7 @@ def create_app(title: str = "DSD Serve") -> FastAPI:
         """The adapters this server serves: those loaded at start and those of its adapter store (loaded on first
         use), with rank, size, the base transformer each was trained on, training metadata and the modes that
         select them. A request names one in `adapter`."""
-        request_id = uuid.uuid4().hex
+        request_id = ids.request_id(request.headers.get("x-request-id"))
         try:
             runtime = ready_runtime(request)
             authenticate(request, runtime)
@@ -444,6 +475,7 @@ WATCH_TIMEOUT_S = 1.0
 """Longest wait for a job change before reading the job anyway: the change notices are best-effort (Redis pub/sub)."""
 SSE_KEEPALIVE_S = 15.0
 """A comment line this often keeps proxies from closing a quiet stream."""
+IMAGE_INDEX = re.compile(r"[0-9]{1,9}")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 ERROR_STATUS = {"invalid_argument": 422, "content_policy": 422, "deadline_exceeded": 504, "cancelled": 499,
                 "internal": 500}
@@ -509,29 +541,34 @@ async def generate_as_job(request: Request, runtime, params: GenerateParams, ima
         size=result["size"],
         profile=result["profile"], request_id=job_id, timings=Timings(**result["timings"]), notice=result["notice"],
         notices=result.get("notices", []), identity=result.get("identity"), candidates=result.get("candidates"),
+        provenance_id=result.get("provenance_id"),
     )
     return JSONResponse(body.model_dump(), headers={"X-Request-ID": job_id})
 
 
 def job_route(handler):
-    """Authentication and the error mapping around a job route."""
+    """Authentication, the check of the path's job id and the error mapping around a job route. Once the id is
+    checked, an error names the job by its id as request id."""
 
     @functools.wraps(handler)
     async def route(request: Request, **path):
+        request_id = ids.request_id(request.headers.get("x-request-id"))
         try:
             authenticate(request, job_store(request))
+            if "job_id" in path:
+                request_id = ids.check_job_id(path["job_id"])
             return await handler(request, **path)
         except Exception as exc:
-            return error_response(exc, path.get("job_id") or uuid.uuid4().hex)[0]
+            return error_response(exc, request_id)[0]
 
     return route
 
 
 def add_job_routes(app: FastAPI) -> None:
     """Asynchronous jobs: submit, status, progress stream, cancel, result images."""
-    errors = {code: {"model": ErrorResponse} for code in (401, 404, 409, 410, 413, 415, 422, 503)}
+    read = (401, 404, 410, 500, 503)
 
-    @app.post("/v1/jobs", status_code=202, responses=errors,
+    @app.post("/v1/jobs", status_code=202, responses=error_responses(400, 401, 408, 413, 415, 422, 429, 500, 503),
               openapi_extra={"requestBody": {"content": {"application/json": {"schema": JobJSON.model_json_schema()}},
                                              "required": True}})
     @job_route
@@ -545,14 +582,14 @@ def add_job_routes(app: FastAPI) -> None:
         events = params.webhook_events if params.webhook_events is not None else list(webhooks.EVENTS)
         return await submit_job(request, runtime, job_queue.JobSpec(generation, params.webhook, events), image)
 
-    @app.get("/v1/jobs/{job_id}", responses=errors)
+    @app.get("/v1/jobs/{job_id}", responses=error_responses(*read))
     @job_route
     async def get_job(request: Request, job_id: str):
         """The job's status (queued, running, succeeded, failed, canceled), queue position, step i of N, times,
         error (with the field at fault) and result links."""
         return JSONResponse(await job_store(request).view(job_id))
 
-    @app.get("/v1/jobs/{job_id}/events", responses=errors, response_class=StreamingResponse)
+    @app.get("/v1/jobs/{job_id}/events", responses=error_responses(*read), response_class=StreamingResponse)
     @job_route
     async def job_events(request: Request, job_id: str):
         """Server-Sent Events: a `status` event (the body of GET /v1/jobs/{id}) whenever the status, position or
@@ -579,20 +616,20 @@ def add_job_routes(app: FastAPI) -> None:
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/jobs/{job_id}/cancel", status_code=202, responses=errors)
+    @app.post("/v1/jobs/{job_id}/cancel", status_code=202, responses=error_responses(*read, 409))
     @job_route
     async def cancel_job(request: Request, job_id: str):
         """Cancel a queued job at once, or a running one at its next denoising step; 409 when it already ended."""
         return JSONResponse(await job_store(request).cancel(job_id), status_code=202)
 
-    @app.get("/v1/jobs/{job_id}/images/{index}", responses=errors, response_class=Response)
+    @app.get("/v1/jobs/{job_id}/images/{index}", responses=error_responses(*read, 409, 422), response_class=Response)
     @job_route
     async def job_image(request: Request, job_id: str, index: str):
         """Result image `index` (0-based) as raw bytes, with the job's output format as content type."""
+        if not IMAGE_INDEX.fullmatch(index):
+            raise InputError("index", f"{ids.quoted(index)} is not an image index (0, 1, ...)")
         jobs = job_store(request)
         view = await jobs.view(job_id)
-        if not index.isdigit():
-            raise InputError("index", f"{index!r} is not an image index (0, 1, ...)")
         count = len(jobs.result_of(view)["images"])
         if int(index) >= count:
             raise ClientFault(404, "not_found", f"image {index} does not exist; the job has {count}", field="index")

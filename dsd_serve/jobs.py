@@ -372,7 +372,8 @@ class Worker:
             raise
         params = spec.params
         summary = {"count": len(result.images), "seeds": result.seeds, "format": params.output_format,
-                   "mode": params.mode, "adapter": submission.adapter, "size": submission.size,
+                   "mode": params.mode, "adapter": submission.adapter, "provenance_id": submission.provenance_id,
+                   "size": submission.size,
                    "profile": self.runtime.profile,
                    "notice": self.runtime.notice, "notices": spec.notices + submission.notices,
                    "timings": {"queue_s": result.queue_seconds, "run_s": result.run_seconds,

@@ -21,7 +21,6 @@ import base64
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
@@ -35,9 +34,10 @@ from dsd_model import InputError, limits
 from dsd_model.serving import metrics
 
 from .http import (
-    FORM_OVERHEAD, REQUEST_ID, ClientFault, FormParser, authenticate, decode_base64_image, error_response, parse_json,
+    FORM_OVERHEAD, ClientFault, FormParser, authenticate, decode_base64_image, error_response, parse_json,
     ready_runtime, wait_watching_client,
 )
+from . import ids
 from .image_urls import ImageURLs
 from .schemas import GenerateParams, Mode
 
@@ -329,8 +329,7 @@ async def images_body(request: Request, submission: Submission, edit: Edit, resu
 
 
 def request_id_of(request: Request) -> str:
-    supplied = request.headers.get("x-request-id", "")
-    return supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    return ids.request_id(request.headers.get("x-request-id"))
 
 
 def add_openai_routes(app: FastAPI) -> None:

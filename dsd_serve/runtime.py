@@ -16,7 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, TypeVar
 
 from PIL import Image, ImageColor
 
@@ -24,7 +24,7 @@ from dsd_model import GenerationRequest, InputError, limits
 from dsd_model.images import Reference, read_reference
 from dsd_model.loading import MODES, TINY_NOTICE, adapter_for_mode, load_pipeline
 from dsd_model.scoring.identity import IdentityScore, open_identity_scorer
-from dsd_model.serving import metrics
+from dsd_model.serving import metrics, provenance
 from dsd_model.serving.adapter_store import AdapterInfo, AdapterStore
 from dsd_model.serving.engine import Engine, EngineConfig, Event, Job, JobResult, PriorityClass
 from dsd_model.serving.enhance import open_enhancer
@@ -37,6 +37,7 @@ from dsd_model.settings import Settings
 from .schemas import GenerateParams
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
 
@@ -84,6 +85,9 @@ class Submission:
     params: GenerateParams
     size: int
     request_id: str
+    provenance_id: str
+    """The id the images' watermark and C2PA manifest carry, made by the server for this request
+    (`Claim.provenance_id`); `request_id` may be the client's."""
     jobs: list[Job]
     arrived: float
     finish: Callable[[Image.Image], bytes]
@@ -236,17 +240,27 @@ class Runtime:
         await asyncio.to_thread(self.outputs.safety.check_input, reference.image, params.consent, "job-submission")
         return reference
 
-    async def read_reference(self, image: bytes, size: int, background: tuple[int, int, int]) -> Reference:
-        """The reference reduced to the canvas it feeds; at most `max_concurrent_decodes` run at once."""
+    async def decode(self, function: Callable[[], T]) -> T:
+        """`function()` (a decode of uploaded bytes) on the decode pool: at most `max_concurrent_decodes` run at once,
+        whichever route they serve, and each hands its memory back to the system when done."""
 
-        def decode() -> Reference:
+        def run() -> T:
             try:
-                return read_reference(image, "image", size=size, background=background,
-                                      strict=self.settings.strict_images)
+                return function()
             finally:
                 release_free_memory()
 
-        return await asyncio.get_running_loop().run_in_executor(self._decoder, decode)
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, run)
+
+    async def read_reference(self, image: bytes, size: int, background: tuple[int, int, int]) -> Reference:
+        """The reference reduced to the canvas it feeds."""
+        return await self.decode(partial(read_reference, image, "image", size=size, background=background,
+                                         strict=self.settings.strict_images))
+
+    async def verify(self, image: bytes) -> dict:
+        """The provenance of an encoded image (`provenance.verify`), read on the decode pool."""
+        return await self.decode(partial(provenance.verify, image, self.settings.watermark_service_id,
+                                         self.settings.c2pa_trust_anchors))
 
     def check_prompts(self, params: GenerateParams) -> list[str]:
         notices = self.pipe.check_prompt(params.prompt, "prompt")
@@ -322,13 +336,15 @@ class Runtime:
             for job in jobs:
                 job.cancel()
             raise
-        claim = Claim(request_id=request_id, model=self.outputs.model_name, adapter=adapter, profile=self.profile,
-                      prompt=prompt)
+        provenance_id = uuid.uuid4().hex
+        logger.info("request %s: provenance id %s", request_id, provenance_id)
+        claim = Claim(request_id=request_id, provenance_id=provenance_id, model=self.outputs.model_name,
+                      adapter=adapter, profile=self.profile, prompt=prompt)
         finish = partial(self.outputs.finish, output_format=params.output_format, claim=claim,
                          quality=output_quality)
         scored = self.identity.wanted(params.identity, params.best_of)
-        return Submission(params=params, size=size, request_id=request_id, jobs=jobs, arrived=arrived, finish=finish,
-                          adapter=adapter,
+        return Submission(params=params, size=size, request_id=request_id, provenance_id=provenance_id, jobs=jobs,
+                          arrived=arrived, finish=finish, adapter=adapter,
                           notices=reference.notices + prompt_notices + enhance_notices + priority_notices
                           + self.outputs.notices(size) + (self.identity.notices() if scored else []),
                           enhanced_prompt=enhanced_prompt, reference=reference.image,

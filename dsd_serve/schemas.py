@@ -154,6 +154,11 @@ class GenerateResponse(BaseModel):
     candidates: list[Candidate] | None = Field(
         None, description="best_of: every candidate's seed and score, in seed order; null without best_of",
     )
+    provenance_id: str | None = Field(
+        None, description="the id the images' watermark (as `provenance_tag`) and C2PA manifest carry: made by the "
+        "server for this request, unlike `request_id`, which the client may choose; null when the job's stored "
+        "result does not record it",
+    )
 
 
 class ErrorBody(BaseModel):

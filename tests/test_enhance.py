@@ -25,8 +25,11 @@ from servers import RedisServer, start_service, wait_ready
 
 REFERENCE = png_bytes(random_image(96, 80, seed=1))
 TIMEOUT_S = 1.0
-OVER_WINDOW = "a red plush fox " * 200
-"""A reply of 800 words: over the T5 window of 512 tokens."""
+OVER_WINDOW = "a red plush fox " * 120
+"""A reply of 480 words: within the 2000 characters of a prompt, over the T5 window of 512 tokens."""
+OVER_CHARS = "a red plush fox in " + "é" * 2000
+"""A reply over the 2000 characters of a prompt yet within the T5 window: the tiny T5 tokenizer reads the run of
+letters it does not know as one token."""
 
 
 class CaptionServer(ChatServer):
@@ -224,6 +227,26 @@ def test_rest_failures_and_over_window_replies_fall_back_to_the_prompt(service):
         assert np.array_equal(pixels(document), plain)
     assert enhancements(server, "failed") == before["failed"] + 2
     assert enhancements(server, "too_long") == before["too_long"] + 1
+
+
+def test_rest_cut_off_and_over_long_replies_fall_back_and_cut_off_ones_are_not_kept(service):
+    server, chat, _ = service
+    before = enhancements(server, "too_long")
+    chat.fault(("truncated", caption("a toy in a cave")), ("reply", OVER_CHARS))
+    cut = post(server, prompt="a toy in a cave")
+    over = post(server, prompt="a toy in a desert")
+    assert cut["enhanced_prompt"] is None and cut["notices"] == [
+        "enhance_prompt: the enhancement model's reply was cut off at 512 tokens; the prompt was used as given",
+        unmarked(64)]
+    assert over["enhanced_prompt"] is None and over["notices"] == [
+        f"enhanced_prompt: has {len(OVER_CHARS)} characters; the limit is 2000; the prompt was used as given",
+        unmarked(64)]
+    assert np.array_equal(pixels(cut), pixels(post(server, prompt="a toy in a cave", enhance_prompt=False)))
+    assert np.array_equal(pixels(over), pixels(post(server, prompt="a toy in a desert", enhance_prompt=False)))
+    assert enhancements(server, "too_long") == before + 2
+    calls = chat.count()
+    again = post(server, prompt="a toy in a cave")
+    assert again["enhanced_prompt"] == caption("a toy in a cave") and chat.count() == calls + 1
 
 
 def test_grpc_enhance_prompt_and_enhanced_prompt(service):

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dsd_model.settings import Settings
-from dsd_serve.grpc_server import GrpcServer, server_credentials, status_for
+from dsd_serve.grpc_server import GrpcServer, status_for, tls_files
 from dsd_serve.grpc_stubs import dsd_pb2 as pb
 from dsd_serve.grpc_stubs import dsd_pb2_grpc
 from dsd_serve.runtime import Runtime
@@ -225,6 +225,29 @@ def test_undecodable_request_is_invalid_argument_and_counted(main):
     assert main.server.metric("dsd_request_duration_seconds_count", **labels) == before + 2
 
 
+def test_invalid_utf8_strings_are_invalid_argument_naming_the_field(main):
+    cases = {
+        "Generate": (request(prompt="PROMPT"), "prompt"),
+        "SubmitJob": (pb.SubmitJobRequest(request=request(negative_prompt="PROMPT")), "request.negative_prompt"),
+        "GetJob": (pb.JobRef(id="PROMPT"), "id"),
+    }
+    for method, (message, field) in cases.items():
+        raw = main.channel.unary_unary(f"/{SERVICE}/{method}")
+        error = rpc_error(raw, message.SerializeToString().replace(b"PROMPT", b"PR\xffMPT"), metadata=AUTH, timeout=30)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, error.details())
+        assert error.details() == f"{field}: is not valid UTF-8"
+        assert dict(error.trailing_metadata())["field"] == field
+
+
+def test_odd_job_ids_are_not_found_without_echoing_them_whole(main):
+    for job_id in ("a" * 100_000, "\x00", "😀", "0123456789abcdef0123456789ab\n"):
+        for call in (main.stub.GetJob, main.stub.CancelJob, lambda ref, **kw: list(main.stub.WatchJob(ref, **kw))):
+            error = rpc_error(call, pb.JobRef(id=job_id), metadata=AUTH, timeout=30)
+            assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()[:200]
+            assert error.details().endswith("is not a job id (28 hexadecimal digits)") and len(error.details()) < 200
+            assert dict(error.trailing_metadata())["field"] == "id"
+
+
 def test_health_and_reflection(main):
     assert health_status(main.channel) == SERVING and health_status(main.channel, "") == SERVING
     error = rpc_error(health_status, main.channel, "no.such.Service")
@@ -384,14 +407,28 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(tls):
     assert list(response.seeds) == [5] and response.images[0].startswith(b"\x89PNG")
 
 
-def test_unreadable_tls_files_stop_the_start(tmp_path):
-    settings = Settings(grpc_tls_cert=tmp_path / "missing.pem", grpc_tls_key=tmp_path / "missing.pem")
-    with pytest.raises(ValueError, match=r"DSD_GRPC_TLS_KEY '.*missing.pem' cannot be read"):
-        server_credentials(settings)
+def test_unreadable_or_mismatched_tls_files_are_refused_naming_the_setting(tmp_path):
+    certificates = write_certificates(tmp_path)
     (tmp_path / "key.pem").write_text("not a key")
-    settings = Settings(grpc_tls_cert=tmp_path / "missing.pem", grpc_tls_key=tmp_path / "key.pem")
-    with pytest.raises(ValueError, match=r"DSD_GRPC_TLS_KEY '.*key.pem' is not a PEM file"):
-        server_credentials(settings)
+    (tmp_path / "unreadable.pem").write_bytes(certificates["server_key"].read_bytes())
+    (tmp_path / "unreadable.pem").chmod(0)
+    cases = {
+        (tmp_path / "missing.pem", certificates["server_key"], None):
+            r"DSD_GRPC_TLS_CERT '.*missing.pem' cannot be read: No such file",
+        (certificates["server"], tmp_path / "key.pem", None): r"DSD_GRPC_TLS_KEY '.*key.pem' is not a PEM unencrypted",
+        (certificates["server"], certificates["client_key"], None):
+            r"DSD_GRPC_TLS_KEY '.*client_key.pem' is not the private key of the first certificate",
+        (certificates["server"], certificates["server_key"], tmp_path / "key.pem"):
+            r"DSD_GRPC_TLS_CLIENT_CA '.*key.pem' is not a PEM CA bundle",
+    }
+    if os.geteuid() != 0:  # root reads files whatever their mode
+        cases[(certificates["server"], tmp_path / "unreadable.pem", None)] = (
+            r"DSD_GRPC_TLS_KEY '.*unreadable.pem' cannot be read: Permission denied")
+    for (cert, key, client_ca), message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            tls_files(Settings(grpc_tls_cert=cert, grpc_tls_key=key, grpc_tls_client_ca=client_ca))
+    files = tls_files(Settings(grpc_tls_cert=certificates["server"], grpc_tls_key=certificates["server_key"]))
+    assert files == (certificates["server_key"].read_bytes(), certificates["server"].read_bytes(), None)
 
 
 def test_example_client_speaks_mutual_tls(tls, tmp_path):

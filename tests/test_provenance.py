@@ -13,13 +13,14 @@ from prometheus_client import REGISTRY
 from dsd_model.cli import main
 from dsd_model.errors import ContentPolicyError
 from dsd_model.serving.provenance import (
+    MAX_MARKED_PIXELS,
     MIN_WATERMARK_SIDE,
     TRAINED_ALGORITHMIC_MEDIA,
     Claim,
     ContentCredentials,
     Watermark,
+    provenance_tag,
     read_credentials,
-    request_tag,
     write_development_chain,
 )
 from dsd_model.images import ENCODE_OPTIONS, encode_image
@@ -31,8 +32,8 @@ from helpers import unmarked
 from servers import ROOT
 
 PICTURE = Image.open(ROOT / "tests" / "assets" / "reference.png").convert("RGB").resize((512, 512))
-CLAIM = Claim(request_id="req-42", model="dsd-tiny (random weights)", adapter="identity", profile="tiny",
-              prompt="a secret prompt")
+CLAIM = Claim(request_id="client-chosen", provenance_id="req-42", model="dsd-tiny (random weights)",
+              adapter="identity", profile="tiny", prompt="a secret prompt")
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +59,11 @@ def test_watermark_round_trip_survives_the_service_jpeg():
     marked = mark.embed(PICTURE, "req-42")
     difference = np.abs(np.asarray(marked, float) - np.asarray(PICTURE, float))
     assert difference.mean() < 2.0
-    expected = {"present": True, "service_tag_errors": 0, "request_tag": request_tag("req-42")}
+    expected = {"present": True, "service_tag_errors": 0, "provenance_tag": provenance_tag("req-42")}
     assert mark.read(reopen(encode_image(marked, "png"))) == expected
     assert ENCODE_OPTIONS["jpeg"]["subsampling"] == 0
     after_jpeg = mark.read(reopen(encode_image(marked, "jpeg")))
-    assert after_jpeg["present"] and after_jpeg["request_tag"] == request_tag("req-42")
+    assert after_jpeg["present"] and after_jpeg["provenance_tag"] == provenance_tag("req-42")
     assert not mark.read(PICTURE)["present"]
     assert not Watermark("another-service").read(marked)["present"]
 
@@ -80,7 +81,7 @@ def test_watermark_minimum_size_and_resized_reads():
     assert mark.read(PICTURE.resize((MIN_WATERMARK_SIDE, MIN_WATERMARK_SIDE - 16)))["present"] is None
     assert mark.embed(PICTURE.resize((MIN_WATERMARK_SIDE,) * 2), "r") is not None
     halved = mark.embed(PICTURE, "r").resize((256, 256), Image.Resampling.BICUBIC)
-    assert mark.read(halved) == {"present": True, "service_tag_errors": 0, "request_tag": request_tag("r"),
+    assert mark.read(halved) == {"present": True, "service_tag_errors": 0, "provenance_tag": provenance_tag("r"),
                                  "read_at": 512}
 
 
@@ -95,7 +96,8 @@ def test_c2pa_manifest_validates_with_its_fields(chain, output_format):
     assert report["present"] and report["validation_state"] == "Trusted" and report["failures"] == []
     assert report["digital_source_type"] == TRAINED_ALGORITHMIC_MEDIA
     generation = report["generation"]
-    assert generation["request_id"] == "req-42" and generation["adapter"] == "identity"
+    assert generation["provenance_id"] == "req-42" and generation["adapter"] == "identity"
+    assert "request_id" not in generation and b"client-chosen" not in signed
     assert generation["model"] == "dsd-tiny (random weights)" and generation["service_version"] == "0.1.0"
     assert "prompt" not in generation and b"a secret prompt" not in signed
     assert read_credentials(signed)["validation_state"] == "Valid"
@@ -188,9 +190,35 @@ def test_dsd_verify_cli(chain, tmp_path, capsys):
     path.write_bytes(credentials.sign(encode_image(marked, "jpeg"), "jpeg", CLAIM))
     assert main(["verify", str(path), "--trust-anchors", str(root_path)]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["watermark"]["present"] and report["watermark"]["request_tag"] == request_tag("req-42")
+    assert report["watermark"]["present"] and report["watermark"]["provenance_tag"] == provenance_tag("req-42")
     assert report["c2pa"]["validation_state"] == "Trusted"
-    assert main(["verify", str(tmp_path / "missing.png")]) == 2
+
+
+def test_dsd_verify_exit_status_says_what_was_found(chain, tmp_path, capsys):
+    chain_path, key_path, _ = chain
+    credentials = ContentCredentials(Settings(c2pa_cert_chain=chain_path, c2pa_private_key=key_path))
+    files = {"marked.png": encode_image(Watermark("dsd-serve").embed(PICTURE, "req-42"), "png"),
+             "signed.png": credentials.sign(encode_image(PICTURE, "png"), "png", CLAIM),
+             "plain.png": encode_image(PICTURE, "png"), "text.png": b"not an image"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    found = {}
+    for name in [*files, "missing.png"]:
+        code = main(["verify", str(tmp_path / name)])
+        report = json.loads(capsys.readouterr().out or "null")
+        found[name] = code, report and (report["watermark"]["present"], report["c2pa"]["present"])
+    assert found == {"marked.png": (0, (True, False)), "signed.png": (0, (False, True)),
+                     "plain.png": (1, (False, False)), "text.png": (2, None), "missing.png": (2, None)}
+
+
+def test_images_larger_than_any_output_are_read_at_output_sizes_only():
+    mark = Watermark("dsd-serve")
+    upscaled = mark.embed(PICTURE, "req-42").resize((1536, 1536), Image.Resampling.BICUBIC)
+    assert upscaled.width * upscaled.height > MAX_MARKED_PIXELS
+    assert mark.read(upscaled) == {"present": True, "service_tag_errors": 0, "provenance_tag": provenance_tag("req-42"),
+                                   "read_at": 512}
+    wide = mark.read(upscaled.resize((2048, 1152)))
+    assert wide["present"] is None and "larger than any marked output" in wide["reason"]
 
 
 def test_dsd_generate_marks_its_output(tmp_path, monkeypatch, capsys):
@@ -199,8 +227,8 @@ def test_dsd_generate_marks_its_output(tmp_path, monkeypatch, capsys):
     code = main(["generate", "--image", str(ROOT / "tests" / "assets" / "reference.png"), "--prompt", "a toy",
                  "--out", str(out), "--steps", "2", "--size", "256", "--seed", "1"])
     assert code == 0
-    request_id = capsys.readouterr().out.split("request id ")[1].split(")")[0]
+    provenance_id = capsys.readouterr().out.split("provenance id ")[1].split(")")[0]
     mark = Watermark("dsd-serve").read(Image.open(out))
-    assert mark["present"] and mark["request_tag"] == request_tag(request_id)
+    assert mark["present"] and mark["provenance_tag"] == provenance_tag(provenance_id)
     assert main(["generate", "--image", str(ROOT / "tests" / "assets" / "reference.png"), "--prompt", "a toy",
                  "--out", str(tmp_path / "out.gif")]) == 2

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from dsd_model.serving.provenance import TRAINED_ALGORITHMIC_MEDIA, Watermark, read_credentials, request_tag
+from dsd_model.serving.provenance import TRAINED_ALGORITHMIC_MEDIA, Watermark, provenance_tag, read_credentials
 from dsd_model.tiny import write_tiny_classifier
 from dsd_serve.grpc_stubs import dsd_pb2 as pb
 from dsd_serve.grpc_stubs import dsd_pb2_grpc
@@ -74,28 +74,48 @@ def test_rest_output_is_marked_signed_and_verifiable(servers):
     guarded, _, root = servers
     response = generate(guarded, output_format="png")
     assert response.status_code == 200, response.text
-    request_id = response.json()["request_id"]
-    assert request_id == "prov-rest" and response.json()["notices"] == []
-    data = base64.b64decode(response.json()["images"][0])
+    document = response.json()
+    assert document["request_id"] == "prov-rest" and document["notices"] == []
+    provenance_id = document["provenance_id"]
+    data = base64.b64decode(document["images"][0])
     mark = MARK.read(Image.open(io.BytesIO(data)))
-    assert mark["present"] and mark["request_tag"] == request_tag(request_id)
-    assert MARK.read(jpeg_again(data, 90))["request_tag"] == request_tag(request_id)
+    assert mark["present"] and mark["provenance_tag"] == provenance_tag(provenance_id)
+    assert MARK.read(jpeg_again(data, 90))["provenance_tag"] == provenance_tag(provenance_id)
     credentials = read_credentials(data, root)
     assert credentials["validation_state"] == "Trusted"
     assert credentials["digital_source_type"] == TRAINED_ALGORITHMIC_MEDIA
     generation = credentials["generation"]
-    assert generation["request_id"] == request_id and generation["adapter"] == "identity"
+    assert generation["provenance_id"] == provenance_id and generation["adapter"] == "identity"
     assert generation["profile"] == "tiny" and "prompt" not in generation
 
     verified = httpx.post(f"{guarded.url}/verify", content=data, headers={"content-type": "image/png"}, timeout=30)
     assert verified.status_code == 200, verified.text
     report = verified.json()
-    assert report["watermark"]["present"] and report["watermark"]["request_tag"] == request_tag(request_id)
+    assert report["watermark"]["present"] and report["watermark"]["provenance_tag"] == provenance_tag(provenance_id)
     assert report["c2pa"]["validation_state"] == "Trusted"
-    assert report["c2pa"]["generation"]["request_id"] == request_id
+    assert report["c2pa"]["generation"]["provenance_id"] == provenance_id
     assert guarded.metric("dsd_c2pa_signing_enabled") == 1
     assert guarded.metric("dsd_watermarks_total", result="embedded") >= 1
     assert guarded.metric("dsd_safety_decisions_total", check="output", decision="pass") >= 1
+
+
+def test_a_client_cannot_stamp_an_id_of_its_choosing(servers):
+    """Provenance carries an id the server makes for each request: not the client's X-Request-ID, which stays in
+    the response and the log, and not an id of an earlier request that the client sends as its own."""
+    guarded, _, root = servers
+    first = generate(guarded, request_id="chosen-id").json()
+    again = generate(guarded, request_id="chosen-id").json()
+    copied = generate(guarded, request_id=first["provenance_id"]).json()
+    documents = (first, again, copied)
+    assert [document["request_id"] for document in documents] == ["chosen-id", "chosen-id", first["provenance_id"]]
+    provenance_ids = [document["provenance_id"] for document in documents]
+    assert len(set(provenance_ids)) == 3 and all(len(value) == 32 for value in provenance_ids)
+    for document, provenance_id in zip(documents, provenance_ids):
+        data = base64.b64decode(document["images"][0])
+        assert MARK.read(Image.open(io.BytesIO(data)))["provenance_tag"] == provenance_tag(provenance_id)
+        generation = read_credentials(data, root)["generation"]
+        assert generation["provenance_id"] == provenance_id and "request_id" not in generation
+        assert b"chosen-id" not in data
 
 
 def test_verify_refuses_what_is_not_an_image(servers):
@@ -108,6 +128,32 @@ def test_verify_refuses_what_is_not_an_image(servers):
     plain = httpx.post(f"{guarded.url}/verify", content=REFERENCE, headers={"content-type": "image/png"}, timeout=30)
     assert plain.status_code == 200
     assert plain.json()["watermark"]["present"] is None and plain.json()["c2pa"]["present"] is False
+    limit = 20 * 2**20
+    oversized = httpx.post(f"{guarded.url}/verify", content=b"\0" * (limit + 1), headers={"content-type": "image/png"},
+                           timeout=30)
+    assert oversized.status_code == 413 and f"limit of {limit} bytes" in oversized.json()["error"]["message"]
+
+
+def test_verify_waits_for_the_model_like_generate(tmp_path):
+    """A server whose model never loads (its weights directory is missing) answers /verify 503, as /generate: the
+    upload limits, the decode pool and the API key all come with the loaded runtime."""
+    server = start_service(tmp_path, profile="real", model_dir=str(tmp_path / "missing"), api_key="secret")
+    try:
+        end = time.monotonic() + 120
+        while True:  # until the liveness probe says that the load failed
+            try:
+                if httpx.get(f"{server.url}/livez", timeout=30).status_code == 503:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.process.poll() is None and time.monotonic() < end, server.log_tail()
+            time.sleep(0.3)
+        response = httpx.post(f"{server.url}/verify", content=REFERENCE, headers={"content-type": "image/png"},
+                              timeout=30)
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
+        assert response.json()["error"]["code"] == "unavailable"
+    finally:
+        server.stop()
 
 
 def test_grpc_output_is_marked_and_signed(servers):
@@ -119,10 +165,11 @@ def test_grpc_output_is_marked_and_signed(servers):
     data = response.images[0]
     assert Image.open(io.BytesIO(data)).format == "JPEG"
     mark = MARK.read(Image.open(io.BytesIO(data)))
-    assert mark["present"] and mark["request_tag"] == request_tag(response.request_id)
+    assert response.request_id == "prov-grpc" and len(response.provenance_id) == 32
+    assert mark["present"] and mark["provenance_tag"] == provenance_tag(response.provenance_id)
     credentials = read_credentials(data, root)
     assert credentials["validation_state"] == "Trusted"
-    assert credentials["generation"]["request_id"] == response.request_id
+    assert credentials["generation"]["provenance_id"] == response.provenance_id and b"prov-grpc" not in data
 
 
 def test_small_outputs_are_counted_unmarked_and_said_once(servers):

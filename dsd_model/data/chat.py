@@ -44,6 +44,10 @@ class MalformedReply(ValueError):
     """A reply without the expected content."""
 
 
+class TruncatedReply(MalformedReply):
+    """A reply the server cut off at the request's `max_tokens` (`finish_reason` `length`)."""
+
+
 class ChatClient:
     def __init__(self, endpoint: Endpoint, settings: ChatSettings):
         self.endpoint = endpoint
@@ -66,9 +70,10 @@ class ChatClient:
     def __exit__(self, *exc_info) -> None:
         self._http.close()
 
-    def complete(self, messages: list[dict], fresh: bool = False) -> str:
+    def complete(self, messages: list[dict], fresh: bool = False, whole: bool = False) -> str:
         """The assistant's reply text to `messages`, from the cache when this exact request was answered before
-        (unless `fresh`: then the server is asked again and the cache updated)."""
+        (unless `fresh`: then the server is asked again and the cache updated). With `whole`, a reply cut off at
+        `max_tokens` raises `TruncatedReply` and is not cached."""
         body = {
             "model": self.endpoint.model,
             "messages": messages,
@@ -78,7 +83,10 @@ class ChatClient:
         cache_path = self._cache_path(body)
         if cache_path is not None and cache_path.exists() and not fresh:
             return json.loads(cache_path.read_text(encoding="utf-8"))["reply"]
-        reply = _reply_text(self._post(body))
+        response = self._post(body)
+        reply = _reply_text(response)
+        if whole and response["choices"][0].get("finish_reason") == "length":
+            raise TruncatedReply(f"reply cut off at max_tokens={self.endpoint.max_tokens}")
         if cache_path is not None:
             write_atomic(cache_path, json.dumps({"reply": reply}, ensure_ascii=False).encode("utf-8"))
         return reply

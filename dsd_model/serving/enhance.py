@@ -7,8 +7,9 @@ reference (the canvas-sized image the pipeline reads) and the prompt go to an Op
 (`dsd_model.data.chat.ChatClient`) with the versioned instructions `prompts/enhance_<PROMPT_VERSION>.txt`.
 
 Replies are cached by (reference pixels, prompt, model, instructions version): in Redis under `dsd:enhance:` when
-`redis_url` is set, else in-process. Every fault is the request's own and fails open: a slow, failing or refusing
-server, an unusable reply, or an unreachable Redis leave the prompt as given, with the reason in `notice`.
+`redis_url` is set, else in-process; a reply cut off at the token limit is not cached. Every fault is the request's
+own and fails open: a slow, failing or refusing server, an unusable or cut-off reply, or an unreachable Redis leave the
+prompt as given, with the reason in `notice`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import ClassVar, Literal
 
 from PIL import Image
 
-from ..data.chat import ChatClient, MalformedReply
+from ..data.chat import ChatClient, MalformedReply, TruncatedReply
 from ..data.settings import ChatSettings, Endpoint
 from ..settings import Settings
 from .latent_cache import connect, failure_kind, without_credentials
@@ -40,7 +41,7 @@ PROMPT_VERSION = "v1"
 """The instructions in use; part of every cache key, so new instructions never serve replies to old ones."""
 KEY_PREFIX = "dsd:enhance:"
 MAX_REPLY_TOKENS = 512
-"""Room for the longest caption the T5 window (512 tokens) takes; a longer reply is refused by the window check."""
+"""Room for the longest caption the T5 window (512 tokens) takes; a reply cut off there would not fit it either."""
 
 
 def instructions(version: str = PROMPT_VERSION) -> str:
@@ -51,9 +52,9 @@ def instructions(version: str = PROMPT_VERSION) -> str:
 class Enhancement:
     prompt: str | None
     """The enhanced prompt; None when the prompt stays as given."""
-    outcome: Literal["enhanced", "cached", "failed"]
+    outcome: Literal["enhanced", "cached", "failed", "too_long"]
     notice: str | None = None
-    """Why the prompt stays as given (for `failed`)."""
+    """Why the prompt stays as given (for `failed` and `too_long`)."""
 
 
 class _ServingChat(ChatSettings):
@@ -160,6 +161,9 @@ class PromptEnhancer:
             return Enhancement(await asyncio.wait_for(call, self.timeout_s), "enhanced")
         except TimeoutError:
             reason = f"no answer within {self.timeout_s:g} s"
+        except TruncatedReply:
+            return Enhancement(None, "too_long", f"enhance_prompt: the enhancement model's reply was cut off at "
+                               f"{MAX_REPLY_TOKENS} tokens; the prompt was used as given")
         except MalformedReply as exc:
             reason = "the enhancement model's reply was unusable"
             logger.warning("prompt enhancement failed: %s", exc)
@@ -177,7 +181,7 @@ class PromptEnhancer:
             {"role": "user", "content": [{"type": "text", "text": f"Request: {prompt}"},
                                          {"type": "image_url", "image_url": {"url": image_url}}]},
         ]
-        text = self.client.complete(messages).strip()
+        text = self.client.complete(messages, whole=True).strip()
         self.cache.put(key, text)
         return text
 

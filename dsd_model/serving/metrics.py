@@ -69,7 +69,8 @@ PROMPT_ENHANCEMENTS = Counter(
     "dsd_prompt_enhancements_total",
     "Requests that asked for prompt enhancement, by outcome: `enhanced` (asked the model), `cached` (an earlier "
     "answer), `failed` (timeout, error or unconfigured: the prompt was used as given) or `too_long` (the enhanced "
-    "prompt exceeded the T5 window: the prompt was used as given).",
+    "prompt was cut off at the reply's token limit, or exceeded 2000 characters or the T5 window: the prompt was "
+    "used as given).",
     ["outcome"],
 )
 STEP_CACHE_ROWS = Counter(

@@ -60,7 +60,7 @@ class OutputStage:
         if self.watermark is None:
             metrics.WATERMARKS.labels(result="disabled").inc()
         else:
-            marked = self.watermark.embed(image, claim.request_id)
+            marked = self.watermark.embed(image, claim.provenance_id)
             if marked is None:
                 metrics.WATERMARKS.labels(result="too_small").inc()
                 logger.info("request %s: %dx%d output is below the watermark's minimum side and is not marked",

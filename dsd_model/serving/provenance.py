@@ -4,8 +4,9 @@
 
 The watermark is invisible-watermark's DWT-DCT-SVD (the DWT-DCT family FLUX's reference code uses, in the variant
 that survives JPEG at quality 75 with 4:2:0 chroma; benchmarks/watermark.py) carrying 64 bits: a 32-bit service tag
-(the first 4 bytes of SHA-256 of `watermark_service_id`) and a 32-bit request tag (the first 4 bytes of SHA-256 of
-the request id). The method works on images of at least `MIN_WATERMARK_SIDE` px per side; smaller
+(the first 4 bytes of SHA-256 of `watermark_service_id`) and a 32-bit provenance tag (the first 4 bytes of SHA-256 of
+the provenance id: an id the server makes for each request, never one a client sends, so that no client can stamp an
+image with the id of another request). The method works on images of at least `MIN_WATERMARK_SIDE` px per side; smaller
 images are left unmarked, which is logged and counted. `verify` reads both the mark and the manifest back.
 """
 
@@ -15,7 +16,7 @@ import hashlib
 import importlib.metadata
 import io
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 METHOD = "dwtDctSvd"
 MIN_WATERMARK_SIDE = 256
 """invisible-watermark needs at least 256 x 256 pixels: below that too few 4x4 blocks carry each bit."""
+MAX_MARKED_PIXELS = MAX_SIZE * 2 * MAX_SIZE
+"""The largest image this service marks (the whole canvas `dsd generate --full-canvas` writes at the largest size).
+A larger image is not read at its own size, where the read would cost seconds and gigabytes for no mark, only at the
+sides in `READ_SIDES`."""
 READ_SIDES = (512, MAX_SIZE)
 """Square sides a square image is also read at when the mark is not found at its own size (with twice its side, up
 to the largest output side): a resized output, e.g. a 512 px output shrunk to 256, is read back at the size it was
@@ -68,15 +73,15 @@ class Watermark:
         self.service_tag = tag(service_id)
         self._encoder_class, self._decoder = WatermarkEncoder, WatermarkDecoder("bits", PAYLOAD_BITS)
 
-    def payload(self, request_id: str) -> bytes:
-        return self.service_tag + tag(request_id)
+    def payload(self, provenance_id: str) -> bytes:
+        return self.service_tag + tag(provenance_id)
 
-    def embed(self, image: Image.Image, request_id: str) -> Image.Image | None:
+    def embed(self, image: Image.Image, provenance_id: str) -> Image.Image | None:
         """The marked image, or None when the image is smaller than `MIN_WATERMARK_SIDE` on a side."""
         if min(image.size) < MIN_WATERMARK_SIDE:
             return None
         encoder = self._encoder_class()
-        encoder.set_watermark("bits", _bits(self.payload(request_id)).tolist())
+        encoder.set_watermark("bits", _bits(self.payload(provenance_id)).tolist())
         marked = encoder.encode(_bgr(image), METHOD)
         return Image.fromarray(np.clip(marked[:, :, ::-1], 0, 255).round().astype(np.uint8))
 
@@ -88,10 +93,15 @@ class Watermark:
 
     def read(self, image: Image.Image) -> dict:
         """`present` (the service tag matches within `SERVICE_TAG_MAX_ERRORS` bits), `service_tag_errors`, the
-        `request_tag` (hex) that `request_tag(request id)` computes, and `read_at` (the side it was read at when that
-        is not the image's own). `present` is None when the image is too small at every size tried."""
+        `provenance_tag` (hex) that `provenance_tag(provenance id)` computes, and `read_at` (the side it was read at when that
+        is not the image's own). `present` is None, with the `reason`, when no size could be tried."""
+        sides = self._read_sides(image)
+        if not sides:
+            width, height = image.size
+            return {"present": None, "reason": f"image of {width}x{height} is larger than any marked output "
+                    f"({MAX_MARKED_PIXELS} pixels) and not square, so it cannot be read at the size it was marked at"}
         best = None
-        for side in self._read_sides(image):
+        for side in sides:
             candidate = image if side is None else image.resize((side, side), Image.Resampling.BICUBIC)
             bits = self.read_bits(candidate)
             if bits is None:
@@ -99,7 +109,7 @@ class Watermark:
             errors = int(np.sum(bits[: TAG_BYTES * 8] != _bits(self.service_tag)))
             if best is None or errors < best["service_tag_errors"]:
                 best = {"present": errors <= SERVICE_TAG_MAX_ERRORS, "service_tag_errors": errors,
-                        "request_tag": np.packbits(bits[TAG_BYTES * 8 :]).tobytes().hex()}
+                        "provenance_tag": np.packbits(bits[TAG_BYTES * 8 :]).tobytes().hex()}
                 if side is not None:
                     best["read_at"] = side
             if best["present"]:
@@ -110,23 +120,29 @@ class Watermark:
 
     @staticmethod
     def _read_sides(image: Image.Image) -> list[int | None]:
-        """None (the image as it is), then for a square image the sides it may have been marked at."""
+        """None (the image as it is, unless it is larger than any marked output), then for a square image the sides
+        it may have been marked at."""
         width, height = image.size
+        own = [None] if width * height <= MAX_MARKED_PIXELS else []
         if width != height:
-            return [None]
-        return [None] + sorted(side for side in {2 * width, *READ_SIDES} - {width} if side <= MAX_SIZE)
+            return own
+        return own + sorted(side for side in {2 * width, *READ_SIDES} - {width} if side <= MAX_SIZE)
 
 
-def request_tag(request_id: str) -> str:
-    """The request tag a mark carries for `request_id` (hex), to match a decoded mark against a request log."""
-    return tag(request_id).hex()
+def provenance_tag(provenance_id: str) -> str:
+    """The provenance tag a mark carries for `provenance_id` (hex), to match a decoded mark against the response or
+    the log line that names the id."""
+    return tag(provenance_id).hex()
 
 
 @dataclass
 class Claim:
-    """What the C2PA manifest of one generated image states."""
+    """Whom one generated image answers, and what its C2PA manifest states."""
 
     request_id: str
+    """The request, for logs only (the client may choose it); never written into the image."""
+    provenance_id: str
+    """The id the watermark tags and the manifest names, made by the server."""
     model: str
     adapter: str | None
     profile: str
@@ -166,7 +182,8 @@ class ContentCredentials:
         C2PA does not accept, stops the start instead of every request."""
         buffer = io.BytesIO()
         Image.new("RGB", (16, 16)).save(buffer, format="PNG")
-        claim = Claim(request_id="signing-check", model="none", adapter=None, profile="none")
+        claim = Claim(request_id="signing-check", provenance_id="signing-check", model="none", adapter=None,
+                      profile="none")
         report = read_credentials(self._embed(buffer.getvalue(), "png", claim))
         if report["validation_state"] not in ("Valid", "Trusted"):
             raise ValueError(f"C2PA signing with DSD_C2PA_CERT_CHAIN / DSD_C2PA_PRIVATE_KEY makes manifests that do "
@@ -177,13 +194,13 @@ class ContentCredentials:
         return self._signer is not None
 
     def manifest(self, claim: Claim) -> dict:
-        generation = {key: value for key, value in asdict(claim).items() if key != "prompt"}
-        generation["service_version"] = SERVICE_VERSION
+        generation = {"provenance_id": claim.provenance_id, "model": claim.model, "adapter": claim.adapter,
+                      "profile": claim.profile, "service_version": SERVICE_VERSION}
         if self.include_prompt and claim.prompt is not None:
             generation["prompt"] = claim.prompt
         return {
             "claim_generator_info": [{"name": SERVICE_NAME, "version": SERVICE_VERSION}],
-            "title": f"generated image {claim.request_id}",
+            "title": f"generated image {claim.provenance_id}",
             "assertions": [
                 {"label": "c2pa.actions", "data": {"actions": [{
                     "action": "c2pa.created",

@@ -18,7 +18,8 @@ class ChatServer:
 
     Requests are classified by their first user message: `filter` (clear-subject question), `content` (grid plan)
     or `verdict` (an image to judge). Faults queued with `fault(...)` are served first, one per request in arrival
-    order: ("status", code, headers), ("sleep", seconds) before a normal answer, or ("reply", text). Once it has
+    order: ("status", code, headers), ("sleep", seconds) before a normal answer, ("reply", text), or ("truncated",
+    text): a reply cut off at the token limit (`finish_reason` `length`). Once it has
     received `down_after` requests, every further request gets 503. Captions containing "glitch" always get an
     answer without JSON. Verdicts cycle through three grids: every panel consistent; one drifted panel (the next
 one each cycle); only the first panel consistent.
@@ -122,8 +123,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 if fault and fault[0] == "sleep":
                     time.sleep(fault[1])
-                text = fault[1] if fault and fault[0] == "reply" else chat.answer(_kind(body), body)
-                self._send(200, _completion(body["model"], text))
+                text = fault[1] if fault and fault[0] in ("reply", "truncated") else chat.answer(_kind(body), body)
+                finish_reason = "length" if fault and fault[0] == "truncated" else "stop"
+                self._send(200, _completion(body["model"], text, finish_reason))
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:
@@ -141,13 +143,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def _completion(model: str, text: str) -> dict:
+def _completion(model: str, text: str, finish_reason: str = "stop") -> dict:
     return {
         "id": "chatcmpl-test",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
     }
 
