@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[serve,data,train,ops,dev]'
+	$(PY) -m pip install -q -e '.[serve,data,train,ops,hub,dev]'
 	$(PY) -m dsd_serve.grpc_stubs
 	touch $@
 

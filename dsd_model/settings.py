@@ -69,6 +69,17 @@ class Settings(BaseSettings):
         "under another name. JSON in DSD_MODE_ADAPTERS. A mode not listed selects the adapter of its own name, so "
         "adapters named after the modes need no mapping.",
     )
+    verify_weights: Literal["sizes", "full", "off"] = Field(
+        "sizes", description="Check the weights against their lock file (weights.lock.json, written by `dsd weights "
+        "pull`) before loading, and stop the start on a difference: `sizes` costs one stat per file and catches a "
+        "missing or truncated file before minutes of loading; `full` also hashes every byte (about a minute for the "
+        "~35 GB of FLUX.1-dev and DSD at the hash rate of one core, longer on a slow volume); `off` skips it. "
+        "Without a lock file nothing is checked.",
+    )
+    weights_lock: Path | None = Field(
+        None, description="The lock file to check the weights against. Unset: weights.lock.json in model_dir's "
+        "parent (where `dsd weights pull` writes it) or in model_dir, when one is there.",
+    )
     fuse_adapters: bool = Field(
         False,
         description="Fold the single configured adapter into the weights for speed (only with exactly one adapter).",
