@@ -22,7 +22,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..errors import InputError, WeightsError
 from .lock import Lock, LockedFile, sha256_of
@@ -52,7 +52,6 @@ class Wanted:
 
 @dataclass(frozen=True)
 class Snapshot:
-    repository: str
     commit: str
     files: dict[str, object]
     """Path in the repository -> huggingface_hub's RepoSibling (size, blob id, LFS sha256)."""
@@ -117,7 +116,7 @@ class Puller:
             if info.gated and self.token is None:
                 raise WeightsError(self.gated_message(repository))
             files = {sibling.rfilename: sibling for sibling in info.siblings or []}
-            self.snapshots[repository] = Snapshot(repository, info.sha, files)
+            self.snapshots[repository] = Snapshot(info.sha, files)
         return self.snapshots[repository]
 
     def gated_message(self, repository: str) -> str:
@@ -138,20 +137,13 @@ class Puller:
         return Wanted(repository, file, path, sibling.size, lfs.sha256 if lfs else None,
                       None if lfs else sibling.blob_id)
 
-    def folder(self, repository: str, folder: str, destination: str, exclude: tuple[str, ...] = ()) -> list[Wanted]:
-        """Every usable file under `folder/` of the repository (everything with an empty `folder`), minus the
-        top-level folders in `exclude`."""
-        prefix = f"{folder}/" if folder else ""
-        wanted = []
-        for file in sorted(self.snapshot(repository).files):
-            if not file.startswith(prefix) or file.endswith(SKIPPED_SUFFIXES):
-                continue
-            relative = file[len(prefix):]
-            if PurePosixPath(relative).parts[0] in exclude:
-                continue
-            wanted.append(self.wanted(repository, file, f"{destination}/{relative}"))
+    def folder(self, repository: str, folder: str, destination: str) -> list[Wanted]:
+        """Every usable file under `folder/` of the repository, to the same place under `destination/`."""
+        wanted = [self.wanted(repository, file, f"{destination}/{file.removeprefix(folder + '/')}")
+                  for file in sorted(self.snapshot(repository).files)
+                  if file.startswith(folder + "/") and not file.endswith(SKIPPED_SUFFIXES)]
         if not wanted:
-            raise WeightsError(f"{repository} has no usable files under {folder or 'its root'!r}")
+            raise WeightsError(f"{repository} has no usable files under {folder!r}")
         return wanted
 
     def base(self, repository: str) -> list[Wanted]:
