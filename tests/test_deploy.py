@@ -569,7 +569,7 @@ def test_weights_job_fills_what_the_gpu_overlay_serves(monkeypatch):
     wait for that file."""
     from dsd_model.cli import build_parser
     from dsd_model.weights.lock import LOCK_NAME
-    from dsd_model.weights.pull import settings_lines
+    from dsd_model.weights.pull import DEFAULT_LORAS, parse_pairs, settings_lines
 
     job = weights_job()
     pod = job["spec"]["template"]["spec"]
@@ -597,8 +597,8 @@ def test_weights_job_fills_what_the_gpu_overlay_serves(monkeypatch):
     assert "create secret generic dsd-hf-token --from-literal=token=" in OPERATING.read_text()
 
     settings = settings_of("gpu", monkeypatch)
-    names = list(build_parser().parse_args(job_argv(pull)).lora) or ["identity"]
-    printed = dict(line.split("=", 1) for line in settings_lines(pulled.directory, pulled.base, names))
+    names = parse_pairs(pulled.lora or list(DEFAULT_LORAS), "--lora")
+    printed = dict(line.split("=", 1) for line in settings_lines(pulled.directory, pulled.base, list(names)))
     assert Path(printed["DSD_MODEL_DIR"]) == settings.model_dir
     assert Path(printed["DSD_TRANSFORMER_PATH"]) == settings.transformer_path
     assert {name: Path(path) for name, path in json.loads(printed["DSD_ADAPTERS"]).items()} == settings.adapters

@@ -34,7 +34,7 @@ if [ ! -f "$VENV/.installed" ] || [ -n "$(find benchmarks/rehearsal -name '*.txt
   rm -rf "$VENV"
   "$python" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q -r benchmarks/rehearsal/requirements.txt
-  "$VENV/bin/python" - benchmarks/rehearsal/gpu_machine_packages.txt <<'PYTHON'
+  "$VENV/bin/python" -I - benchmarks/rehearsal/gpu_machine_packages.txt <<'PYTHON'
 import importlib.metadata, re, subprocess, sys
 
 def normal(name):

@@ -17,15 +17,14 @@ The lock file records the commits a pull used, pinned or not."""
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from .pull import parse_pairs, pull, read_token, settings_lines
+    from .pull import DEFAULT_LORAS, parse_pairs, pull, read_token, settings_lines
 
-    loras = parse_pairs(args.lora, "--lora") if args.lora else None
+    loras = parse_pairs(args.lora or list(DEFAULT_LORAS), "--lora")
     lock = pull(args.directory, base=args.base, transformer=args.transformer, loras=loras,
                 revisions=parse_pairs(args.revision, "--revision"), token=read_token(args.token_file))
     size = sum(entry.size for entry in lock.files)
     print(f"wrote {len(lock.files)} files ({size / 1e9:.2f} GB) and {Path(args.directory) / LOCK_NAME}; serve them with")
-    names = list(loras) if loras is not None else ["identity"]
-    print("\n".join(settings_lines(args.directory, args.base, names)))
+    print("\n".join(settings_lines(args.directory, args.base, list(loras))))
     return 0
 
 

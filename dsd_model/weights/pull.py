@@ -218,18 +218,11 @@ def git_blob_id(path: Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def pull(
-    directory: Path,
-    base: str = DEFAULT_BASE,
-    transformer: str = DEFAULT_TRANSFORMER,
-    loras: dict[str, str] | None = None,
-    revisions: dict[str, str] | None = None,
-    token: str | None = None,
-) -> Lock:
-    """Fill `directory` and write its lock file; returns the lock."""
+def pull(directory: Path, base: str, transformer: str, loras: dict[str, str], revisions: dict[str, str],
+         token: str | None) -> Lock:
+    """Fill `directory` from the repositories (`transformer` and each of `loras` as REPO:PATH) and write its lock
+    file; returns the lock."""
     directory = Path(directory)
-    loras = parse_pairs(list(DEFAULT_LORAS), "--lora") if loras is None else loras
-    revisions = revisions or {}
     transformer_repository, transformer_folder = parse_source(transformer, "--transformer")
     lora_sources = {}
     for name, source in loras.items():
