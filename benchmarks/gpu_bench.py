@@ -10,8 +10,7 @@ on the attention projections. Canvas `size` x 2`size` (512: 2048 image + 512 tex
   forward (`DSDPipeline.step`);
 - fp8 (opt-in): the lossless path with the active adapter fused and torchao float8 weights and activations;
 - step cache (opt-in): the lossless path with the per-row step cache at several thresholds;
-- throughput over 1/2/4/8 rows, and the engine's step-level against whole-request batching at 80% load.
-
+- throughput over 1/2/4/8 rows, and the engine's step-level against whole-request batching at 80% load;
 - cold start: the weights loaded from the page cache and cold (benchmarks/weights_read.py), compile with a cold
   and a warm artefact cache (a restart), the warm-up forwards, and the time to `/readyz` they add up to.
 
