@@ -11,14 +11,14 @@ REDIS_SERVER = $(shell command -v redis-server)
 WITH_REDIS = $(if $(REDIS_SERVER),$(REDIS_SERVER) --bind 127.0.0.1 --port $(REDIS_PORT) --save '' --appendonly no \
 	--loglevel warning & trap 'kill $$! 2>/dev/null' EXIT INT TERM; DSD_REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0)
 
-.PHONY: setup serve test bench loadtest clean redis-server redis-if-possible
+.PHONY: setup serve test bench loadtest gpu-rehearsal clean redis-server redis-if-possible
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[serve,data,train,ops,dev,faces,safety]'
+	$(PY) -m pip install -q -e '.[serve,data,train,ops,hub,dev,faces,safety]'
 	$(PY) -m dsd_serve.grpc_stubs
 	touch $@
 
@@ -36,6 +36,11 @@ bench: setup
 loadtest: setup redis-server
 	loadtest/run
 
+# The GPU check (benchmarks/gpu_check.sh) rehearsed on the CPU in an environment like the GPU machine's (torch 2.11,
+# transformers 5.17, Python 3.12), built into .rehearsal/ and kept there between runs.
+gpu-rehearsal:
+	benchmarks/rehearsal/run.sh
+
 # The tests start their own redis-server on a free loopback port; this installs the binary (Debian, as root).
 redis-server:
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
@@ -46,4 +51,4 @@ redis-if-possible:
 	@$(MAKE) --no-print-directory redis-server || echo "serving without the latent cache" >&2
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache .rehearsal

@@ -12,14 +12,20 @@ on the attention projections. Canvas `size` x 2`size` (512: 2048 image + 512 tex
 - step cache (opt-in): the lossless path with the per-row step cache at several thresholds;
 - throughput over 1/2/4/8 rows, and the engine's step-level against whole-request batching at 80% load;
 - mixed adapters: 8 rows of 2 or 8 adapters in one forward against 8 rows of the folded single adapter, with the
-  most-used adapter folded and the others applied as differences (the default on cuda) and fully unfused.
+  most-used adapter folded and the others applied as differences (the default on cuda) and fully unfused;
+- cold start: the weights loaded from the page cache and cold (benchmarks/weights_read.py), compile with a cold
+  and a warm artefact cache (a restart), the warm-up forwards, and the time to `/readyz` they add up to.
 
 An image's time is its denoising loop plus its VAE decode (prompt and reference encoding are excluded: both are
-cached in serving). Prints one table and writes gpu_bench.json to $OUT (default ./out).
+cached in serving). Prints one table and writes gpu_bench.json to $OUT (default ./out) after every section; exits 1
+when a section failed.
 
-    python benchmarks/gpu_bench.py                      # the GPU check (about 6 minutes on an H200)
-    python benchmarks/gpu_bench.py --device cpu --blocks 1 1 --size 64 --steps 3 --repeats 1 --no-compile \\
-        --text-tokens 16 --rank 8 --requests 4 --dtype float32   # a smoke run of every section on a CPU
+`--rehearsal` runs every section on the CPU at tiny size (the tiny profile's components, a 64 px canvas, 3 steps,
+compiled): the GPU check rehearsed before a GPU is lent. A section that needs a GPU raises `DeviceError` and is
+reported as such; any other failure fails the rehearsal. A new section needs nothing more than `report.section`.
+
+    python benchmarks/gpu_bench.py                      # the GPU check (about 7 minutes on an H200)
+    python benchmarks/gpu_bench.py --rehearsal          # every section on a CPU at tiny size
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,19 +46,24 @@ import torch
 from PIL import Image
 
 from dsd_model import DSDPipeline, GenerationRequest
+from dsd_model.errors import DeviceError
 from dsd_model.serving.acceleration import (
     Denoiser, RowBuckets, compile_blocks, quantize_fp8, save_compile_cache, use_compile_cache, warm_up,
 )
 from dsd_model.serving.step_cache import EVALUATIONS_KEY, StepCache, blocks_per_row
 from dsd_model.tiny import (
     FLUX_SCHEDULER_CONFIG, build_real_size_transformer, build_real_size_vae, build_real_width_text_encoders,
-    build_tiny_tokenizers, tiny_lora_state_dict,
+    build_tiny_components, build_tiny_tokenizers, tiny_lora_state_dict,
 )
 from serving import REFERENCE, percentile, poisson_arrivals, run_engine, workload
+from weights_read import FULL_WEIGHTS_GB, load_seconds, measure
 
 PEAK_BF16_FLOPS = 989e12
 """Dense bf16 tensor-core peak of an H100/H200 SXM (the MFU denominator)."""
 ADAPTERS = ("identity", "structure")
+REHEARSAL = dict(device="cpu", components="tiny", size=64, steps=3, text_tokens=16, repeats=1, calls=2, rank=4,
+                 buckets=[1, 2], thresholds=[0.05], requests=4, read_gb=0.05, budget_s=math.inf)
+"""The arguments of `--rehearsal`: every size at its smallest, every section run (no time budget), compiled."""
 
 
 def forward_flops(config, image_tokens: int, text_tokens: int, rows: int = 1) -> float:
@@ -75,13 +87,19 @@ def build(args) -> DSDPipeline:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    tokenizer, tokenizer_2 = build_tiny_tokenizers()
-    clip, t5 = build_real_width_text_encoders(len(tokenizer), len(tokenizer_2), device=args.device)
-    transformer = build_real_size_transformer(*args.blocks, dtype=dtype, device=args.device)
-    pipe = DSDPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG), vae=build_real_size_vae(dtype, device=args.device),
-        text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer,
-    ).to(device=device, dtype=dtype)
+    if args.components == "tiny":
+        pipe = DSDPipeline(**build_tiny_components())
+    else:
+        tokenizer, tokenizer_2 = build_tiny_tokenizers()
+        clip, t5 = build_real_width_text_encoders(len(tokenizer), len(tokenizer_2), device=args.device)
+        pipe = DSDPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+            vae=build_real_size_vae(dtype, device=args.device), text_encoder=clip, tokenizer=tokenizer,
+            text_encoder_2=t5, tokenizer_2=tokenizer_2,
+            transformer=build_real_size_transformer(*args.blocks, dtype=dtype, device=args.device),
+        )
+    pipe = pipe.to(device=device, dtype=dtype)
+    transformer = pipe.transformer
     pipe.set_progress_bar_config(disable=True)
     pipe.max_sequence_length = args.text_tokens
     for seed, name in enumerate(ADAPTERS, start=1):
@@ -191,7 +209,7 @@ class Report:
 
     def __init__(self, args):
         self.rows: list[tuple[str, str, str, str]] = []
-        self.data: dict = {"arguments": vars(args)}
+        self.data: dict = {"arguments": vars(args), "sections": {}}
         self.started = time.perf_counter()
         self.budget_s = args.budget_s
 
@@ -200,19 +218,32 @@ class Report:
         print(f"  {check}: {measured}" + (f"  (goal {goal})" if goal else ""), flush=True)
 
     def section(self, name: str, function, *arguments, optional: bool = False):
-        """Run one section; a failure is reported in the table and the run goes on."""
+        """Run one section; a failure is reported in the table and the run goes on. Its outcome (`ok`, `failed`,
+        `needs a GPU`, `skipped`) goes to the JSON."""
         if optional and time.perf_counter() - self.started > self.budget_s:
             self.row(name, "skipped: over the time budget")
+            self.data["sections"][name] = "skipped"
             return None
         print(f"\n== {name}", flush=True)
         try:
-            return function(self, *arguments)
+            result = function(self, *arguments)
+            self.data["sections"][name] = "ok"
+            return result
+        except DeviceError as exc:
+            self.data["sections"][name] = "needs a GPU"
+            self.row(name, f"needs a GPU: {str(exc).splitlines()[0]}")
+            return None
         except Exception as exc:  # a benchmark reports a failed section and measures the rest
+            self.data["sections"][name] = "failed"
             self.data.setdefault("errors", {})[name] = repr(exc)
             self.row(name, f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return None
         finally:
             self.save()
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, outcome in self.data["sections"].items() if outcome == "failed"]
 
     def save(self) -> Path:
         """Written after every section, so a run cut short by its time limit keeps what it measured."""
@@ -262,21 +293,30 @@ def lora_cost(report: Report, pipe, args) -> None:
                "folded is the default on cuda", folded < unfused)
 
 
-def compile_path(report: Report, pipe, args, buckets: RowBuckets) -> None:
-    start = time.perf_counter()
+def compile_and_warm_up(pipe, args, buckets: RowBuckets) -> dict:
+    """What the service does at start after loading: compile the blocks (through the artefact cache), then one
+    forward per (row bucket, adapter state). The first pass compiles and runs, a second pass only runs: their
+    difference is the compile time, the second pass the warm-up."""
     if args.compile:
-        if args.compile_cache_dir:
-            use_compile_cache(args.compile_cache_dir)
+        use_compile_cache(args.compile_cache_dir)
         compile_blocks(pipe.transformer, args.compile_mode, shapes=64)
     pipe.denoiser = Denoiser(pipe.transformer, buckets)
-    warm = warm_up(pipe, [args.size], buckets)
+    first = warm_up(pipe, [args.size], buckets)
+    again = warm_up(pipe, [args.size], buckets)
+    return {"warm_up_s": first, "compile_s": first - again, "forwards_s": again}
+
+
+def compile_path(report: Report, pipe, args, buckets: RowBuckets) -> None:
+    start = time.perf_counter()
+    startup = compile_and_warm_up(pipe, args, buckets)
     first, _ = image_seconds(pipe, args, our_image, cfg=False, repeats=1)
-    report.data["startup"] = {"warm_up_s": warm, "first_image_s": first[0], "total_s": time.perf_counter() - start}
-    if args.compile and args.compile_cache_dir:
+    report.data["startup"] = {**startup, "first_image_s": first[0], "total_s": time.perf_counter() - start}
+    if args.compile:
         save_compile_cache(args.compile_cache_dir)
     report.row("time to first image after start (compile + warm-up of "
                f"{len(buckets.sizes)} row buckets x {len(pipe.adapters.names) + 1} adapter states + image)",
-               f"{time.perf_counter() - start:.1f} s")
+               f"{time.perf_counter() - start:.1f} s (compile {startup['compile_s']:.1f} s with a cold artefact "
+               f"cache, warm-up forwards {startup['forwards_s']:.1f} s)")
 
 
 def lossless(report: Report, pipe, args, official: dict) -> torch.Tensor:
@@ -429,27 +469,52 @@ def fp8(report: Report, args, lossless_image: torch.Tensor, lossless_p50: float,
 
 def restart(report: Report, args) -> None:
     """A second process loads the compiled artefacts saved above, then compiles and warms up the same shapes."""
-    command = [sys.executable, __file__, "--restart-probe", *sys.argv[1:]]
-    probe = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
-    seconds = json.loads(probe.stdout.strip().splitlines()[-1])["warm_up_s"]
+    command = [sys.executable, __file__, "--restart-probe", *sys.argv[1:], "--compile-cache-dir", args.compile_cache_dir]
+    probe = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        raise RuntimeError(f"the restart probe exited with {probe.returncode}: {probe.stderr.strip()[-2000:]}")
+    startup = json.loads(probe.stdout.strip().splitlines()[-1])
     cold = report.data["startup"]["warm_up_s"]
-    report.data["restart_warm_up_s"] = seconds
-    report.row("compile + warm-up after a restart with the artefact cache", f"{seconds:.1f} s (cold: {cold:.1f} s)")
+    report.data["restart"] = startup
+    report.row("compile + warm-up after a restart with the artefact cache",
+               f"{startup['warm_up_s']:.1f} s (compile {startup['compile_s']:.1f} s; cold cache: {cold:.1f} s)")
 
 
 def restart_probe(args, buckets: RowBuckets) -> None:
     pipe = build(args)
     pipe.adapters.fold_on_activate()
-    start = time.perf_counter()
-    use_compile_cache(args.compile_cache_dir)
-    compile_blocks(pipe.transformer, args.compile_mode, shapes=64)
-    pipe.denoiser = Denoiser(pipe.transformer, buckets)
-    warm_up(pipe, [args.size], buckets)
-    print(json.dumps({"warm_up_s": time.perf_counter() - start}))
+    print(json.dumps(compile_and_warm_up(pipe, args, buckets)))
+
+
+def weights_read(report: Report, args) -> None:
+    """The weights loaded as the service loads them, from the page cache and cold (benchmarks/weights_read.py)."""
+    device = torch.device(args.device)
+    result = measure(Path(args.read_dir), args.read_gb, device)
+    report.data["weights_read"] = result
+    report.row(f"weights loaded to {device.type} ({result['bytes'] / 1e9:.2f} GB, safetensors mmap)",
+               f"{result['cold_gb_s']:.2f} GB/s cold, {result['page_cache_gb_s']:.2f} GB/s from the page cache")
+
+
+def time_to_ready(report: Report) -> None:
+    """A replica's start to `/readyz` for the full weights, from the parts measured above: loading the weights,
+    compiling (cold artefact cache on a new node, warm one on a restart) and the warm-up forwards."""
+    cold, cached = load_seconds(report.data["weights_read"])
+    startup = report.data["startup"]
+    ready = {"new_node_s": cold + startup["compile_s"] + startup["forwards_s"]}
+    text = f"{ready['new_node_s']:.0f} s on a new node (cold pages, cold artefact cache)"
+    if "restart" in report.data:
+        restart = report.data["restart"]
+        ready["restart_s"] = cached + restart["compile_s"] + restart["forwards_s"]
+        text += f"; {ready['restart_s']:.0f} s on a restart (page cache, artefact cache)"
+    report.data["time_to_ready"] = ready
+    report.row(f"time to /readyz with {FULL_WEIGHTS_GB:.0f} GB of weights (load + compile + warm-up)", text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rehearsal", action="store_true", help="every section on the CPU at tiny size")
+    parser.add_argument("--components", choices=("real-size", "tiny"), default="real-size",
+                        help="FLUX.1-dev-sized random weights, or the tiny profile's components")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--blocks", type=int, nargs=2, default=[19, 38], metavar=("DOUBLE", "SINGLE"))
@@ -463,11 +528,18 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--requests", type=int, default=16, help="requests per batching policy")
     parser.add_argument("--compile-mode", default="default")
-    parser.add_argument("--compile-cache-dir", default="/tmp/dsd-compile-cache")
+    parser.add_argument("--compile-cache-dir", default=None, help="default: a new temporary directory")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--read-gb", type=float, default=4.0, help="gigabytes written and loaded to measure the "
+                        "weights' load rate (at 4 GB, about 30 s)")
+    parser.add_argument("--read-dir", default=tempfile.gettempdir(), help="where they are written")
     parser.add_argument("--budget-s", type=float, default=360, help="skip the optional sections past this")
     parser.add_argument("--restart-probe", action="store_true", help=argparse.SUPPRESS)
+    if parser.parse_known_args()[0].rehearsal:
+        parser.set_defaults(**REHEARSAL)
     args = parser.parse_args()
+    if args.compile_cache_dir is None:
+        args.compile_cache_dir = tempfile.mkdtemp(prefix="dsd-compile-cache-")
     torch.set_grad_enabled(False)
     buckets = RowBuckets(args.buckets)
     if args.restart_probe:
@@ -477,12 +549,14 @@ def main() -> None:
     report = Report(args)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}, torch {torch.__version__}, {args.dtype}, {args.blocks[0]}+{args.blocks[1]} blocks, canvas "
-          f"{args.size}x{2 * args.size}, {args.steps} steps, LoRA rank {args.rank} x {len(ADAPTERS)} adapters", flush=True)
+    blocks = "tiny components" if args.components == "tiny" else f"{args.blocks[0]}+{args.blocks[1]} blocks"
+    print(f"{name}, torch {torch.__version__}, {args.dtype}, {blocks}, canvas {args.size}x{2 * args.size}, "
+          f"{args.steps} steps, LoRA rank {args.rank} x {len(ADAPTERS)} adapters", flush=True)
     report.data["device"] = name
     start = time.perf_counter()
     pipe = build(args)
-    report.row("build (random real-size weights)", f"{time.perf_counter() - start:.1f} s")
+    report.row(f"build ({args.components} components, random weights)", f"{time.perf_counter() - start:.1f} s")
+    report.section("weights read", weights_read, args)
     report.section("official baseline", baseline, pipe, args)
     report.section("LoRA cost", lora_cost, pipe, args)
     if "lora" not in report.data:
@@ -505,7 +579,11 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.compile and "startup" in report.data:
         report.section("restart", restart, args, optional=True)
+    if "weights_read" in report.data and "startup" in report.data:
+        report.section("time to ready", time_to_ready)
     report.print_table()
+    if report.failed:
+        sys.exit(f"failed sections: {', '.join(report.failed)}")
 
 
 if __name__ == "__main__":

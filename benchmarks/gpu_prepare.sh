@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Download, here, the wheels the GPU check needs beyond what the GPU machine has (Python 3.12, torch 2.11,
-# transformers 5.17, no network; its peft is replaced by our pinned one) into .whl/ (ignored by git).
-# benchmarks/gpu_check.sh installs them there.
+# transformers 5.17, no network; its peft is replaced by our pinned one) into .whl/ (ignored by git; WHEELS_DIR
+# names another folder). benchmarks/gpu_check.sh installs them there, and the rehearsal here
+# (benchmarks/rehearsal/run.sh) for its own Python.
 #
-#   benchmarks/gpu_prepare.sh [python]   (any Python with pip; the wheels are for CPython 3.12 whatever it runs)
+#   benchmarks/gpu_prepare.sh [python-version]   (default 3.12, the GPU machine's; run by $PYTHON, default python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${1:-python3}
+VERSION=${1:-3.12}
+PY=${PYTHON:-python3}
+WHEELS_DIR=${WHEELS_DIR:-.whl}
 WHEELS=(
   diffusers==0.42.1 importlib_metadata==10.2.0 zipp==4.1.2 lazy-importer==0.1.0
   peft==0.21.2
@@ -15,19 +18,19 @@ WHEELS=(
   redis==8.1.0
   torchao==0.18.0
 )
-mkdir -p .whl
+mkdir -p "$WHEELS_DIR"
 for wheel in "${WHEELS[@]}"; do
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$VERSION" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl "$wheel"
+    -d "$WHEELS_DIR" "$wheel"
 done
-"$PY" - <<'PYTHON'
+"$PY" - "$WHEELS_DIR" <<'PYTHON'
 import pathlib, sys, zipfile
-wheels = sorted(pathlib.Path(".whl").glob("*.whl"))
+wheels = sorted(pathlib.Path(sys.argv[1]).glob("*.whl"))
 names = [w.name.split("-")[0].lower() for w in wheels]
 duplicates = {n for n in names if names.count(n) > 1}
 if duplicates:
-    sys.exit(f"more than one version of {sorted(duplicates)} in .whl/: remove the old ones")
+    sys.exit(f"more than one version of {sorted(duplicates)} in {sys.argv[1]}/: remove the old ones")
 total = sum(w.stat().st_size for w in wheels)
 for w in wheels:
     print(f"{w.stat().st_size / 2**20:7.2f} MiB  {w.name}")

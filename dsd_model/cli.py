@@ -1,4 +1,4 @@
-"""The `dsd` command: generate, convert, verify, the data and training stages, and evaluation."""
+"""The `dsd` command: generate, convert, verify, the weights on disk, the data and training stages, and evaluation."""
 
 from __future__ import annotations
 
@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("stores", nargs="+", help="adapter store directories")
     listing.set_defaults(handler=_list_adapters)
 
+    from .weights.cli import add_weights_commands
+
+    weights = sub.add_parser("weights", help="the weights directory: pull it from a model hub, verify it against its lock")
+    add_weights_commands(weights.add_subparsers(dest="weights_command", required=True))
+
     from .data.cli import add_data_commands
 
     data = sub.add_parser("data", help="self-distillation data: grid prompts, teacher grids, VLM curation, pairs")
@@ -189,11 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        status = args.handler(args)
+        return args.handler(args) or 0
     except (InputError, WeightsError, ContentPolicyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return status or 0
 
 
 if __name__ == "__main__":

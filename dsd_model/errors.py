@@ -20,6 +20,11 @@ class WeightsError(ValueError):
     """Model or adapter weights that are missing, malformed or do not fit the model."""
 
 
+class DeviceError(ValueError):
+    """A feature that needs a device this machine lacks, e.g. fp8 without a GPU of compute capability 8.9 (the GPU
+    check's rehearsal on a CPU tells these apart from real failures)."""
+
+
 class EngineError(Exception):
     """Base of the engine's request outcomes other than success."""
 

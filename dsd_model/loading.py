@@ -62,6 +62,7 @@ def _real_pipeline(settings: Settings, dtype) -> DSDPipeline:
     from .convert import load_dsd_transformer
 
     model_dir = Path(settings.model_dir)
+    check_weights(settings)
     if not (model_dir / "model_index.json").is_file():
         raise WeightsError(
             f"DSD_MODEL_DIR {str(model_dir)!r} is not a diffusers pipeline directory (no model_index.json); "
@@ -79,6 +80,39 @@ def _real_pipeline(settings: Settings, dtype) -> DSDPipeline:
     )
     pipe.adapters.folded_lora = folded_lora
     return pipe
+
+
+def check_weights(settings: Settings) -> None:
+    """Compare the weights directory with its lock file before anything loads (`Settings.verify_weights`): a missing
+    or changed file stops the start with every such file named; files the lock does not list are only logged."""
+    from .weights.lock import LOCK_NAME, Lock, verify
+
+    if settings.verify_weights == "off":
+        return
+    model_dir = Path(settings.model_dir)
+    if settings.weights_lock is not None:
+        lock_path = Path(settings.weights_lock)
+        if not lock_path.is_file():
+            raise WeightsError(f"DSD_WEIGHTS_LOCK {str(lock_path)!r} does not exist")
+    else:
+        found = [path for path in (model_dir.parent / LOCK_NAME, model_dir / LOCK_NAME) if path.is_file()]
+        if not found:
+            logger.info("no %s beside DSD_MODEL_DIR: the weights are not checked", LOCK_NAME)
+            return
+        lock_path = found[0]
+    directory = lock_path.parent
+    result = verify(directory, full=settings.verify_weights == "full", lock=Lock.read(lock_path))
+    if result.missing or result.changed:
+        problems = [line for line in result.lines() if not line.startswith("extra: ")]
+        raise WeightsError(
+            f"the weights in {str(directory)!r} differ from {str(lock_path)!r}: {'; '.join(problems)}. Pull them "
+            f"again (`dsd weights pull`) or restore the files; `dsd weights verify {directory} --full` lists every "
+            "difference"
+        )
+    if result.extra:
+        logger.warning("%d files in %s are not in %s: %s", len(result.extra), directory, lock_path,
+                       ", ".join(result.extra[:20]))
+    logger.info("weights match %s (%d files, %s)", lock_path, result.checked, settings.verify_weights)
 
 
 def adapter_choice(settings: Settings, loaded: list[str]) -> tuple[str | None, dict[str, str]]:

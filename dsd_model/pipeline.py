@@ -182,9 +182,10 @@ def sample_latents(
     """Sample VAE posteriors (mean and log-variance stacked on the channel axis) with `generator`, shift and scale
     as the VAE config says, and pack into transformer tokens."""
     distribution = DiagonalGaussianDistribution(parameters)
+    # float32, then rounded: the same draw in every dtype (see `DSDPipeline.prepare`)
     sample = randn_tensor(
-        distribution.mean.shape, generator=generator, device=parameters.device, dtype=parameters.dtype
-    )
+        distribution.mean.shape, generator=generator, device=parameters.device, dtype=torch.float32
+    ).to(parameters.dtype)
     latents = distribution.mean + distribution.std * sample
     return pack_latents((latents - shift_factor) * scaling_factor)
 
@@ -377,8 +378,11 @@ class DSDPipeline(DiffusionPipeline):
             seed = request.seed if request.seed is not None else secrets.randbelow(limits.MAX_SEED)
             generator = torch.Generator("cpu").manual_seed(seed)
             height, width = 2 * (request.size // 16), 2 * (2 * request.size // 16)
-            # drawn even when `latents` are given, so the condition sample is the same either way
-            noise = randn_tensor((1, channels, height, width), generator=generator, device=device, dtype=dtype)
+            # drawn even when `latents` are given, so the condition sample is the same either way; drawn in float32
+            # and rounded, so a seed gives the same noise in every dtype (torch 2.11 draws bfloat16 on the CPU from
+            # another sequence than float32; 2.13 rounds the float32 one)
+            noise = randn_tensor((1, channels, height, width), generator=generator, device=device,
+                                 dtype=torch.float32).to(dtype)
             if request.latents is not None:
                 latents = self._check_latents(request.latents, height * width // 4, 4 * channels)
             else:

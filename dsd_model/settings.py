@@ -87,6 +87,17 @@ class Settings(BaseSettings):
         "dropped beyond it, never while in use); 8 GiB hold about 19 rank-128 FLUX attention adapters (420 MiB each "
         "in bfloat16), beside the 24 GB model on an 80 GB GPU. Adapters of DSD_ADAPTERS are pinned and not counted.",
     )
+    verify_weights: Literal["sizes", "full", "off"] = Field(
+        "sizes", description="Check the weights against their lock file (weights.lock.json, written by `dsd weights "
+        "pull`) before loading, and stop the start on a difference: `sizes` costs one stat per file and catches a "
+        "missing or truncated file before minutes of loading; `full` also hashes every byte (about a minute for the "
+        "~35 GB of FLUX.1-dev and DSD at the hash rate of one core, longer on a slow volume); `off` skips it. "
+        "Without a lock file nothing is checked.",
+    )
+    weights_lock: Path | None = Field(
+        None, description="The lock file to check the weights against. Unset: weights.lock.json in model_dir's "
+        "parent (where `dsd weights pull` writes it) or in model_dir, when one is there.",
+    )
     fuse_adapters: bool = Field(
         False,
         description="Fold the single configured adapter into the weights for speed (only with exactly one adapter).",

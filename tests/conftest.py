@@ -9,7 +9,7 @@ import torch
 
 from dsd_model import DSDPipeline
 from dsd_model.tiny import build_tiny_components
-from helpers import random_image
+from helpers import GPU_TEST_DEVICE, random_image
 from servers import RedisServer
 
 
@@ -62,7 +62,7 @@ def reference():
 
 
 def pytest_collection_modifyitems(config, items):
-    if not torch.cuda.is_available():
+    if GPU_TEST_DEVICE == "cuda" and not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:
             if item.get_closest_marker("gpu") is not None:

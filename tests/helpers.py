@@ -1,11 +1,16 @@
 """Small builders shared by the tests."""
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+GPU_TEST_DEVICE = os.environ.get("GPU_TEST_DEVICE", "cuda")
+"""Where the tests marked `gpu` run: `cuda`; `cpu` runs their CPU-runnable halves, in the GPU check's rehearsal
+(benchmarks/gpu_check.sh --rehearsal)."""
 
 
 def random_image(width: int = 96, height: int = 80, seed: int = 0) -> Image.Image:

@@ -201,7 +201,8 @@ def test_real_weights_need_a_gpu_and_a_read_only_volume(overlay, monkeypatch):
     assert len(weights) == 1 and weights[0]["readOnly"] is True
     claim = volumes[weights[0]["name"]]["persistentVolumeClaim"]
     assert claim["readOnly"] is True
-    assert named(overlay, "PersistentVolumeClaim", claim["claimName"])["spec"]["accessModes"] == ["ReadOnlyMany"]
+    # read-only for every replica, written by the weights Job alone (test_weights_job_fills_what_the_gpu_overlay_serves)
+    assert named(overlay, "PersistentVolumeClaim", claim["claimName"])["spec"]["accessModes"] == ["ReadWriteMany"]
     paths = [settings.transformer_path, *settings.adapters.values()]
     assert all(str(path).startswith(weights[0]["mountPath"]) for path in paths)
 
@@ -241,7 +242,7 @@ def test_pods_run_locked_down(overlay):
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
         volumes = {volume["name"]: volume for volume in pod["volumes"]}
-        for box in pod["containers"]:
+        for box in pod.get("initContainers", []) + pod["containers"]:
             context = box["securityContext"]
             assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
             assert context["capabilities"]["drop"] == ["ALL"]
@@ -252,8 +253,10 @@ def test_pods_run_locked_down(overlay):
                 env = {variable["name"]: variable.get("value") for variable in box["env"]}
                 assert {"/tmp", env["BENTOML_HOME"]} <= writable
                 assert env["XDG_CACHE_HOME"].startswith("/tmp/")
-            else:
+            elif box in pod["containers"]:
                 assert writable
+            else:
+                assert all(mount.get("readOnly") for mount in box["volumeMounts"]), "an init container only waits"
 
 
 @each_overlay
@@ -607,3 +610,74 @@ def test_the_gpu_overlay_checks_outputs_with_nudenet_and_the_tiny_profile_does_n
     tiny = settings_of("dev", monkeypatch)
     assert tiny.resolved_profile == "tiny" and tiny.output_check_backend == "classifier"
     assert tiny.output_check_model is None
+
+
+WEIGHTS_JOB = JOBS / "weights-job.yaml"
+
+
+def weights_job() -> dict:
+    (job,) = yaml.safe_load_all(WEIGHTS_JOB.read_text())
+    return job
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_weights_job_validates_strictly(version):
+    kubernetes_validate.validate(weights_job(), version, strict=True)
+
+
+def test_weights_job_fills_what_the_gpu_overlay_serves(monkeypatch):
+    """The Job pulls into the gpu overlay's weights claim, then verifies every byte; the settings `dsd weights pull`
+    prints for that directory are the overlay's, the service finds the lock file the pull writes, and the replicas
+    wait for that file."""
+    from dsd_model.cli import build_parser
+    from dsd_model.weights.lock import LOCK_NAME
+    from dsd_model.weights.pull import DEFAULT_LORAS, parse_pairs, settings_lines
+
+    job = weights_job()
+    pod = job["spec"]["template"]["spec"]
+    deployment = named("gpu", "Deployment", SERVICE)
+    assert job["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert {box["image"] for box in pod["initContainers"] + pod["containers"]} == {container("gpu")["image"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    (pull,) = pod["initContainers"]
+    (check,) = pod["containers"]
+    pulled, checked = build_parser().parse_args(job_argv(pull)), build_parser().parse_args(job_argv(check))
+    assert (pulled.command, pulled.weights_command, checked.weights_command) == ("weights", "pull", "verify")
+    assert checked.directory == pulled.directory and checked.full
+
+    def claim_at(box, path) -> tuple[str, bool]:
+        (mount,) = [m for m in box["volumeMounts"] if str(path).startswith(m["mountPath"])]
+        return volumes[mount["name"]]["persistentVolumeClaim"]["claimName"], mount.get("readOnly", False)
+
+    (served,) = [v["persistentVolumeClaim"]["claimName"] for v in deployment["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == "weights"]
+    assert claim_at(pull, pulled.directory) == (served, False)
+    assert claim_at(check, checked.directory) == (served, True)
+    env = {variable["name"]: variable for variable in pull["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "dsd-hf-token", "key": "token"}
+    assert env["HF_HUB_OFFLINE"]["value"] == "0", "the image sets HF_HUB_OFFLINE=1 for the service"
+    assert "create secret generic dsd-hf-token --from-literal=token=" in OPERATING.read_text()
+
+    settings = settings_of("gpu", monkeypatch)
+    names = parse_pairs(pulled.lora or list(DEFAULT_LORAS), "--lora")
+    printed = dict(line.split("=", 1) for line in settings_lines(pulled.directory, pulled.base, list(names)))
+    assert Path(printed["DSD_MODEL_DIR"]) == settings.model_dir
+    assert Path(printed["DSD_TRANSFORMER_PATH"]) == settings.transformer_path
+    assert {name: Path(path) for name, path in json.loads(printed["DSD_ADAPTERS"]).items()} == settings.adapters
+    lock = pulled.directory / LOCK_NAME
+    assert settings.weights_lock is None and settings.model_dir.parent / LOCK_NAME == lock
+    assert settings.verify_weights == "sizes"
+    (waiting,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert f"[ -f {lock} ]" in waiting["command"][-1]
+
+
+def test_weights_job_pod_runs_locked_down():
+    pod = weights_job()["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["enableServiceLinks"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for box in pod["initContainers"] + pod["containers"]:
+        context = box["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert {"cpu", "memory"} <= box["resources"]["requests"].keys() and "memory" in box["resources"]["limits"]

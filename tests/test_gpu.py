@@ -1,30 +1,35 @@
-"""Checks that need a CUDA device; they are skipped cleanly everywhere else (see conftest.py)."""
+"""Checks that need a CUDA device; they are skipped cleanly everywhere else (see conftest.py). With
+GPU_TEST_DEVICE=cpu (the GPU check's rehearsal) they run their CPU-runnable halves: the same code on the CPU, with
+what `auto` selects on cuda asked for by name."""
 
 import pytest
 import torch
 
 from dsd_model import GenerationRequest
+from dsd_model.errors import DeviceError
 from dsd_model.loading import load_pipeline
 from dsd_model.serving.engine import Engine, EngineConfig
 from dsd_model.settings import Settings
-from helpers import random_image
+from helpers import GPU_TEST_DEVICE, random_image
 
 pytestmark = pytest.mark.gpu
+DEVICE = GPU_TEST_DEVICE
+ON_CUDA = DEVICE == "cuda"
 
 
-def test_tiny_profile_on_cuda_in_bfloat16_follows_float32_on_cpu():
+def test_tiny_profile_in_bfloat16_follows_float32_on_cpu():
     reference = random_image()
     kwargs = dict(num_inference_steps=4, size=64, seed=3, output_type="pt", adapter="identity")
     cpu = load_pipeline(Settings(profile="tiny", device="cpu", dtype="float32"))(reference, "a toy", **kwargs).images
-    cuda = load_pipeline(Settings(profile="tiny", device="cuda", dtype="bfloat16"))
-    assert cuda.transformer.device.type == "cuda" and cuda.transformer.dtype == torch.bfloat16
-    images = cuda(reference, "a toy", **kwargs).images.float().cpu()
+    pipe = load_pipeline(Settings(profile="tiny", device=DEVICE, dtype="bfloat16"))
+    assert pipe.transformer.device.type == DEVICE and pipe.transformer.dtype == torch.bfloat16
+    images = pipe(reference, "a toy", **kwargs).images.float().cpu()
     # bfloat16 keeps 8 mantissa bits: a few percent of the [0, 1] range after 4 steps and a VAE decode
     assert (images - cpu).abs().mean() < 0.05
 
 
-def test_engine_batches_on_cuda():
-    pipe = load_pipeline(Settings(profile="tiny", device="cuda"))
+def test_engine_batches_on_the_device():
+    pipe = load_pipeline(Settings(profile="tiny", device=DEVICE))
     engine = Engine(pipe, EngineConfig(max_batch_rows=12))
     engine.start()
     try:
@@ -35,12 +40,13 @@ def test_engine_batches_on_cuda():
         engine.drain(timeout=30)
 
 
-def test_compiled_bucketed_folded_path_on_cuda_follows_eager():
+def test_compiled_bucketed_folded_path_follows_eager():
     """`auto` on cuda: adapters folded per activation, blocks compiled, rows padded to buckets."""
     reference = random_image()
     kwargs = dict(num_inference_steps=4, size=64, seed=3, output_type="pt", adapter="identity")
-    eager = load_pipeline(Settings(profile="tiny", device="cuda", compile="off", lora_fusion="unfused"))
-    fast = load_pipeline(Settings(profile="tiny", device="cuda", compile_sizes=[64], compile_row_buckets=[1, 4]))
+    eager = load_pipeline(Settings(profile="tiny", device=DEVICE, compile="off", lora_fusion="unfused"))
+    named = {} if ON_CUDA else {"compile": "on", "lora_fusion": "per_adapter"}
+    fast = load_pipeline(Settings(profile="tiny", device=DEVICE, compile_sizes=[64], compile_row_buckets=[1, 4], **named))
     assert fast.denoiser is not None and fast.denoiser.buckets.sizes == (1, 4)
     for adapter in ("identity", "structure", "identity"):
         kwargs["adapter"] = adapter
@@ -49,15 +55,15 @@ def test_compiled_bucketed_folded_path_on_cuda_follows_eager():
         assert (images - expected).abs().mean() < 0.02
 
 
-def test_fp8_on_cuda_runs_or_refuses_by_compute_capability():
-    settings = Settings(profile="tiny", device="cuda", quantization="fp8", compile="off")
-    if torch.cuda.get_device_capability() < (8, 9):
-        with pytest.raises(ValueError, match="DSD_QUANTIZATION"):
+def test_fp8_runs_or_refuses_by_compute_capability():
+    settings = Settings(profile="tiny", device=DEVICE, quantization="fp8", compile="off")
+    if not ON_CUDA or torch.cuda.get_device_capability() < (8, 9):
+        with pytest.raises(DeviceError, match="DSD_QUANTIZATION"):
             load_pipeline(settings)
         return
     reference = random_image()
     kwargs = dict(num_inference_steps=4, size=64, seed=3, output_type="pt", adapter="identity")
-    expected = load_pipeline(Settings(profile="tiny", device="cuda", compile="off"))(reference, "a toy", **kwargs)
+    expected = load_pipeline(Settings(profile="tiny", device=DEVICE, compile="off"))(reference, "a toy", **kwargs)
     images = load_pipeline(settings)(reference, "a toy", **kwargs).images.float()
     # float8 (3 mantissa bits) weights and activations on every block linear of a random tiny model
     assert (images - expected.images.float()).abs().mean() < 0.1

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from ..adapters import AdapterRegistry
+from ..errors import DeviceError
 from ..pipeline import latent_image_ids
 from .step_cache import StepCache, flux_forward
 
@@ -101,16 +102,16 @@ def set_attention_backend(transformer, backend: str) -> str:
 
 
 def check_fp8_support(device: torch.device) -> None:
-    """Raise a `ValueError` naming the setting unless `device` runs float8 matrix multiplies."""
+    """Raise a `DeviceError` naming the setting unless `device` runs float8 matrix multiplies."""
     if device.type != "cuda":
-        raise ValueError(
+        raise DeviceError(
             f"quantization 'fp8' (DSD_QUANTIZATION) needs a CUDA GPU of compute capability "
             f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or newer (Ada, Hopper); the model is on {device.type}. "
             "Unset DSD_QUANTIZATION to serve in the unquantized dtype."
         )
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_MIN_CAPABILITY:
-        raise ValueError(
+        raise DeviceError(
             f"quantization 'fp8' (DSD_QUANTIZATION) needs compute capability {FP8_MIN_CAPABILITY[0]}."
             f"{FP8_MIN_CAPABILITY[1]} or newer; {torch.cuda.get_device_name(device)} has "
             f"{capability[0]}.{capability[1]}. Unset DSD_QUANTIZATION to serve in the unquantized dtype."
