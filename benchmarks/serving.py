@@ -8,9 +8,10 @@
 3. The cost of exact mode: `--concurrent` requests submitted together, all normal (sharing forwards) against all
    `exact` (a forward each), alternating runs; p50 latency and throughput.
 4. Mixed traffic against uniform traffic: the same seeded Poisson arrivals (80% of the uniform engine's saturated
-   throughput, 8 steps, 8 rows per forward) for all `identity`; 50/50 `identity`/`structure`; one adapter at two
-   canvas sizes 50/50; and 8 adapters drawn uniformly. Runs alternate over `--rounds`; medians of p50, p99 and
-   throughput, each as a ratio to uniform (goals: p50 <= 1.15x, throughput >= 0.9x).
+   throughput, 8 steps, 8 rows per forward) for all `identity` at 64 px; 50/50 `identity`/`structure`; one adapter
+   at 64 and 96 px 50/50, with the sizes packed into one forward and stepped in turn; and 8 adapters drawn
+   uniformly. `uniform 96 px` (all requests at the larger size) shows what the larger canvas costs by itself. Runs alternate over `--rounds`; medians of p50, p99 and throughput, each as a ratio to uniform (goals:
+   p50 <= 1.15x, throughput >= 0.9x).
 
     python benchmarks/serving.py [--requests 60] [--http-runs 15] [--concurrent 8] [--sections 1,2,3,4]
 """
@@ -85,12 +86,12 @@ def workload(count: int, seed: int, size: int = 64) -> list[GenerationRequest]:
 
 
 def run_engine(
-    mode: str, requests: list[GenerationRequest], arrivals: list[float], pipe=None
+    mode: str, requests: list[GenerationRequest], arrivals: list[float], pipe=None, pack_sizes: bool = False
 ) -> tuple[list[float], float]:
     """Submit each request at its arrival offset; return per-request latencies and the makespan. Without `pipe`,
     a fresh tiny pipeline with a warmed-up engine."""
     engine = Engine(pipe or load_pipeline(Settings(profile="tiny")), EngineConfig(max_batch_rows=8, max_queue=10_000,
-                                                                                 batching=mode))
+                                                                                 batching=mode, pack_sizes=pack_sizes))
     engine.start(warmup=pipe is None)
     start = time.monotonic()
     jobs = []
@@ -165,11 +166,16 @@ def exact_cost(concurrent: int, runs: int, steps: int) -> None:
 
 MIXES = {
     "uniform": lambda i, rng: ("identity", 64),
+    "uniform 96 px": lambda i, rng: ("identity", 96),
     "50/50 modes": lambda i, rng: (rng.choice(["identity", "structure"]), 64),
     "50/50 sizes": lambda i, rng: ("identity", rng.choice([64, 96])),
     "8 adapters": lambda i, rng: (f"adapter-{rng.randrange(8)}", 64),
 }
 """Traffic mixes: (adapter, canvas size) of request i; the same seeded draws for every round."""
+RUNS = {"uniform": ("uniform", False), "uniform 96 px": ("uniform 96 px", False), "50/50 modes": ("50/50 modes", False),
+        "50/50 sizes, packed": ("50/50 sizes", True), "50/50 sizes, in turn": ("50/50 sizes", False),
+        "8 adapters": ("8 adapters", False)}
+"""What section 4 runs: (mix, whether canvas sizes are packed into one forward or stepped in turn)."""
 
 
 def mixed_pipeline():
@@ -198,20 +204,21 @@ def mixed_traffic(count: int, steps: int, rounds: int) -> None:
     _, saturated = run_engine("step", mixed_workload("uniform", count, steps), [0.0] * count, pipe)
     rate = 0.8 * count / saturated
     arrivals = poisson_arrivals(count, rate)
-    measured: dict[str, list[tuple[float, float, float]]] = {mix: [] for mix in MIXES}
+    measured: dict[str, list[tuple[float, float, float]]] = {run: [] for run in RUNS}
     for round_ in range(rounds):
-        order = list(MIXES) if round_ % 2 == 0 else list(reversed(MIXES))
-        for mix in order:
-            latencies, makespan = run_engine("step", mixed_workload(mix, count, steps), arrivals, pipe)
-            measured[mix].append((percentile(latencies, 0.5), percentile(latencies, 0.99), count / makespan))
+        order = list(RUNS) if round_ % 2 == 0 else list(reversed(RUNS))
+        for run in order:
+            mix, packed = RUNS[run]
+            latencies, makespan = run_engine("step", mixed_workload(mix, count, steps), arrivals, pipe, packed)
+            measured[run].append((percentile(latencies, 0.5), percentile(latencies, 0.99), count / makespan))
     print(f"\n4. mixed traffic vs uniform: {count} requests, {steps} steps, Poisson arrivals at {rate:.2f} req/s = 80% "
           f"of uniform saturated throughput ({count / saturated:.2f} req/s), max 8 rows per forward, median of "
           f"{rounds} alternating rounds")
-    print(f"{'traffic':<14} {'p50 s':>7} {'p99 s':>7} {'req/s':>7} {'p50 x':>7} {'p99 x':>7} {'thru x':>7}")
+    print(f"{'traffic':<21} {'p50 s':>7} {'p99 s':>7} {'req/s':>7} {'p50 x':>7} {'p99 x':>7} {'thru x':>7}")
     base = [statistics.median(values[k] for values in measured["uniform"]) for k in range(3)]
     for mix, values in measured.items():
         p50, p99, throughput = (statistics.median(v[k] for v in values) for k in range(3))
-        print(f"{mix:<14} {p50:>7.3f} {p99:>7.3f} {throughput:>7.2f} {p50 / base[0]:>7.2f} {p99 / base[1]:>7.2f} "
+        print(f"{mix:<21} {p50:>7.3f} {p99:>7.3f} {throughput:>7.2f} {p50 / base[0]:>7.2f} {p99 / base[1]:>7.2f} "
               f"{throughput / base[2]:>7.2f}")
     print("goals: p50 <= 1.15x and throughput >= 0.9x of uniform")
 

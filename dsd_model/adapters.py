@@ -16,9 +16,11 @@ ignorant of the batch. The input embedder's replacement is applied to its rows t
 
 Two ways to serve, chosen by `fold_on_activate`:
 - unfused (the default): the weights are the base weights; a row of adapter `a` gets `B_a A_a x`.
-- folded: the most-used adapter of the forward, `f`, is folded into the weights (`W + B_f A_f`, rebuilt from a kept
-  copy of the base weights, so no rounding accumulates); its rows need no delta, and a row of another adapter `a`
-  gets `B_a A_a x - B_f A_f x`. A forward whose rows all use one adapter is the plain folded forward.
+- folded: a forward whose rows all use one adapter `f` runs on the folded weights `W + B_f A_f` (rebuilt from a kept
+  copy of the base weights, so no rounding accumulates) and pays no LoRA at all. In a mixed forward, folding `f`
+  saves its rows' LoRA but makes every other row pay `B_a A_a x - B_f A_f x`: cheaper only while `f` holds more
+  than half of the rows. So a mixed forward folds its most-used adapter when it has that majority, and otherwise
+  runs on the base weights with every row's LoRA on its own segment (`fold_for`).
 """
 
 from __future__ import annotations
@@ -361,7 +363,7 @@ class AdapterRegistry:
                                    "cannot be served by this transformer")
         self._install_hooks(adapters)
         if self.folding:
-            self._fold(most_used(adapters, self._folded))
+            self._fold(self.fold_for(adapters))
         plan = RowPlan.of(adapters, self._folded)
         self._plan = plan
         try:
@@ -383,6 +385,17 @@ class AdapterRegistry:
             yield
         finally:
             self._plan = plan
+
+    def fold_for(self, adapters: Sequence[LoadedAdapter | None]) -> LoadedAdapter | None:
+        """The adapter to fold for a forward over rows of `adapters` (folding on): the most-used one when it holds
+        more than half of the rows (or exactly half and is folded already, so a balanced mix does not refold), else
+        none. Folded, `f`'s rows pay no LoRA and each other row pays its own and `f`'s; unfolded, every row pays its
+        own: with `n` of `R` rows of rank r, folding saves r n and costs r (R - n)."""
+        best = most_used(adapters, self._folded)
+        share = 2 * sum(1 for adapter in adapters if adapter is best)
+        if share > len(adapters) or (share == len(adapters) and best is self._folded):
+            return best
+        return None
 
     def _current_plan(self, rows: int) -> RowPlan:
         if self._plan is not None:

@@ -164,6 +164,45 @@ class DSDPipelineOutput(BaseOutput):
     seeds: list[int]
 
 
+class CanvasPacking:
+    """Rows of different canvas sizes in one forward. Each row's image tokens are laid out in the largest canvas's
+    token grid at the positions of their own (row, column) image ids, so the largest grid's rotary positions are
+    each token's own; the rest of the grid is padding, which the attention mask hides from every query (text tokens
+    come first in FLUX's joint attention and are all kept). Every other operation of the transformer is per token, so
+    a row's real tokens compute what they compute alone, up to float rounding of other kernel shapes; the padding's
+    outputs are dropped by `unpack`."""
+
+    def __init__(self, row_sizes: Sequence[int], text_tokens: int):
+        largest = max(row_sizes)
+        self.columns = 2 * largest // 16
+        self.tokens = (largest // 16) * self.columns
+        self.positions = {size: self._positions(size) for size in set(row_sizes)}
+        self.row_sizes = list(row_sizes)
+        keep = torch.zeros(len(row_sizes), text_tokens + self.tokens, dtype=torch.bool)
+        keep[:, :text_tokens] = True
+        for row, size in enumerate(row_sizes):
+            keep[row, text_tokens + self.positions[size]] = True
+        self.attention_mask = keep[:, None, None, :]
+        """[rows, 1, 1, text + image tokens], True where a token may be attended to."""
+
+    def _positions(self, size: int) -> torch.Tensor:
+        rows, columns = size // 16, 2 * size // 16
+        return (torch.arange(rows)[:, None] * self.columns + torch.arange(columns)[None, :]).reshape(-1)
+
+    def pack(self, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[rows, largest tokens, channels] from each row's [1, its tokens, channels]."""
+        first = hidden[0]
+        packed = first.new_zeros(len(hidden), self.tokens, first.shape[-1])
+        for row, tokens in enumerate(hidden):
+            packed[row, self.positions[self.row_sizes[row]].to(tokens.device)] = tokens[0]
+        self.attention_mask = self.attention_mask.to(first.device)
+        return packed
+
+    def unpack(self, rows: torch.Tensor, size: int) -> torch.Tensor:
+        """The tokens of canvas `size` from rows laid out in the largest grid."""
+        return rows[:, self.positions[size].to(rows.device)]
+
+
 def adapter_order(state: DenoiseState) -> tuple[str, str]:
     adapter = state.adapter
     return (adapter.name, adapter.digest) if adapter is not None else ("", "")
@@ -421,18 +460,16 @@ class DSDPipeline(DiffusionPipeline):
     def step(self, states: Sequence[DenoiseState]) -> None:
         """Advance every state by one denoising step.
 
-        States may differ in prompt, seed, step count, position in their schedule, guidance and CFG scales, and
-        adapter (each adapter's LoRA applies to its own rows, see `dsd_model.adapters`); they must share the canvas
-        size. A CFG state contributes three rows (negative prompt without condition, negative prompt with condition,
-        prompt with condition). The states share one transformer forward, except that each `exact` request gets a
-        forward of its own, which makes its result byte-identical to the request run alone. The step is all or
-        nothing: if a forward raises, no state moves.
+        States may differ in prompt, seed, step count, position in their schedule, guidance and CFG scales, adapter
+        (each adapter's LoRA applies to its own rows, see `dsd_model.adapters`) and canvas size (rows of smaller
+        canvases are packed into the largest canvas's token grid, see `CanvasPacking`). A CFG state contributes three
+        rows (negative prompt without condition, negative prompt with condition, prompt with condition). The states
+        share one transformer forward, except that each `exact` request gets a forward of its own, which makes its
+        result byte-identical to the request run alone. The step is all or nothing: if a forward raises, no state
+        moves.
         """
         if not states:
             return
-        sizes = {s.request.size for s in states}
-        if len(sizes) != 1:
-            raise ValueError(f"states of different canvas sizes cannot share a forward: {sorted(sizes)}")
         states = sorted(states, key=adapter_order)  # the rows of one adapter are one segment
         shared = [s for s in states if not s.request.exact]
         groups = ([shared] if shared else []) + [[s] for s in states if s.request.exact]
@@ -464,13 +501,15 @@ class DSDPipeline(DiffusionPipeline):
             timestep.append(t)
             guidance.append(g)
 
-        size = states[0].request.size
+        row_sizes = [state.request.size for state in states for _ in range(state.rows)]
+        packing = CanvasPacking(row_sizes, text[0].shape[1]) if len(set(row_sizes)) > 1 else None
+        size = max(row_sizes)
         height, width = 2 * (size // 16), 2 * (2 * size // 16)
         dtype = self.transformer.dtype
         device = states[0].latents.device  # `_execution_device` walks every module of every component
         with self.adapters.rows([state.adapter for state in states for _ in range(state.rows)]):
             prediction = self._forward(
-                torch.cat(hidden).to(dtype),
+                (packing.pack(hidden) if packing is not None else torch.cat(hidden)).to(dtype),
                 torch.cat(timestep) / 1000,
                 torch.cat(guidance) if self.transformer.config.guidance_embeds else None,
                 torch.cat(pooled).to(dtype),
@@ -478,19 +517,22 @@ class DSDPipeline(DiffusionPipeline):
                 latent_image_ids(height, width, device, dtype),
                 torch.zeros(text[0].shape[1], 3, device=device, dtype=dtype),
                 states,
+                packing.attention_mask if packing is not None else None,
             )
 
         updated = []
         row = 0
         for state in states:
+            rows = prediction[row : row + state.rows]
+            if packing is not None:
+                rows = packing.unpack(rows, state.request.size)
+            row += state.rows
             if state.rows == 3:
-                u, u_t, v = prediction[row : row + 3].chunk(3)
-                row += 3
+                u, u_t, v = rows.chunk(3)
                 r = state.request
                 pred = u + r.image_guidance_scale * (u_t - u) + r.text_guidance_scale * (v - u_t)
             else:
-                pred = prediction[row : row + 1]
-                row += 1
+                pred = rows
             sigma = state.sigmas[state.step_index]
             sigma_next = state.sigmas[state.step_index + 1]
             latents = state.latents.to(torch.float32)
@@ -498,14 +540,18 @@ class DSDPipeline(DiffusionPipeline):
             updated.append(((latents + (sigma_next - sigma) * pred).to(pred.dtype), preview))
         return updated
 
-    def _forward(self, hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states) -> torch.Tensor:
-        """The transformer's prediction for the rows of `states` (in `step`'s row order); `self.denoiser`
-        (`acceleration.Denoiser`: bucketed rows, per-row step cache), when set, makes the call."""
+    def _forward(self, hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states,
+                 attention_mask=None) -> torch.Tensor:
+        """The transformer's prediction for the rows of `states` (in `step`'s row order); `attention_mask` (packed
+        canvases, `CanvasPacking`) hides each row's padding. `self.denoiser` (`acceleration.Denoiser`: bucketed rows,
+        per-row step cache), when set, makes the call."""
         if self.denoiser is not None:
-            return self.denoiser(hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states, self.adapters)
+            return self.denoiser(hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states, self.adapters,
+                                 attention_mask)
         return self.transformer(
             hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled,
             encoder_hidden_states=text, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+            joint_attention_kwargs={"attention_mask": attention_mask} if attention_mask is not None else None,
         )[0]
 
     def decode(self, state: DenoiseState) -> torch.Tensor:

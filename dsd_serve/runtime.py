@@ -177,6 +177,7 @@ class Runtime:
                 prepare_ahead=self.settings.prepare_ahead,
                 jobs_aging_s=self.settings.jobs_aging_s,
                 priority_step_s=self.settings.priority_step_s,
+                pack_sizes=self.settings.resolved_pack_sizes,
             ),
             latent_cache=open_latent_cache(self.settings, self.pipe.vae),
             adapter_store=self.adapter_store,

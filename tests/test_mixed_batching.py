@@ -248,3 +248,60 @@ def test_unknown_adapter_and_out_of_range_priority_are_refused_at_submit(start_e
     with pytest.raises(InputError, match=r"priority: 11 is not an integer in \[-10, 10\]"):
         engine.submit(req(1), priority=11)
     assert engine.submit(req(1, adapter="sketch")).future.result(timeout=60).seed == 1
+
+
+def test_packed_sizes_share_one_forward_and_equal_their_images_alone(start_engine):
+    """With `pack_sizes` rows of 64, 80 and 96 px run in one forward, the smaller canvases padded into the 96 px token
+    grid with the padding masked out; every image equals the request alone within the bound."""
+    hold = Hold()
+    pipe = tiny_pipeline(GatedPipeline)
+    pipe.hold = hold
+    steps = []
+    original = pipe.step
+
+    def step(states):
+        steps.append(sorted({state.request.size for state in states}))
+        original(states)
+
+    pipe.step = step
+    engine = start_engine(pipe, max_batch_rows=12, pack_sizes=True)
+    hold.close()
+    requests = [req(i, size=size, adapter=ADAPTERS[i % 3], num_inference_steps=3,
+                    image_guidance_scale=2.0 if i == 1 else 1.0) for i, size in enumerate((64, 96, 80, 64, 96))]
+    jobs = [engine.submit(requests[0])]
+    wait_until(lambda: hold.waiting.is_set())
+    jobs += [engine.submit(request) for request in requests[1:]]
+    wait_until(lambda: all(job.state is not None for job in jobs))
+    hold.open()
+    results = [job.future.result(timeout=60) for job in jobs]
+    assert [64, 80, 96] in steps  # one forward held all three sizes
+    for request, result in zip(requests, results):
+        assert (as_tensor(result.image) - alone(request)).abs().max() <= TOLERANCE, request.size
+
+
+def test_the_step_cache_refuses_packed_sizes():
+    from dsd_model.serving.acceleration import Denoiser
+    from dsd_model.serving.step_cache import StepCache
+    from dsd_model.settings import Settings
+
+    pipe = tiny_pipeline()
+    pipe.denoiser = Denoiser(pipe.transformer, cache=StepCache(0.1))
+    states = pipe.prepare([req(1, size=64), req(2, size=80)])
+    with pytest.raises(ValueError, match="step cache needs one canvas size per forward"):
+        pipe.step(states)
+    assert [state.step_index for state in states] == [0, 0]  # all or nothing
+    with pytest.raises(ValueError, match="pack_sizes 'on' cannot be combined with the step cache"):
+        Settings(pack_sizes="on", step_cache_threshold=0.1)
+    assert not Settings(step_cache_threshold=0.1).resolved_pack_sizes and Settings(device="cpu").resolved_pack_sizes
+
+
+def test_a_mixed_forward_folds_its_adapter_only_when_it_holds_most_rows():
+    pipe = tiny_pipeline(fold=True)
+    registry = pipe.adapters
+    a, b, c = (registry.adapters[name] for name in ADAPTERS)
+    assert registry.fold_for([a, a, a, b]) is a  # 3 rows free, 1 pays twice: cheaper than 4 rows paying once
+    assert registry.fold_for([a, b, c, None]) is None  # no majority: every row pays its own LoRA
+    assert registry.fold_for([None, None, None, a]) is None  # the base model's majority: the base weights
+    assert registry.fold_for([a, a, b, b]) is None  # a tie folds nothing new...
+    registry.activate("structure")
+    assert registry.is_folded(b) and registry.fold_for([a, a, b, b]) is b  # ...and keeps what is folded

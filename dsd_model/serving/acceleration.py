@@ -66,15 +66,16 @@ class Denoiser:
         self.cache = cache
 
     def __call__(self, hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states,
-                 adapters: AdapterRegistry | None = None) -> torch.Tensor:
+                 adapters: AdapterRegistry | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         rows = hidden.shape[0]
         pad = self.buckets.pad if self.buckets is not None else None
         if pad is not None:
             hidden, timestep, pooled, text = pad(hidden), pad(timestep), pad(pooled), pad(text)
             guidance = pad(guidance) if guidance is not None else None
+            attention_mask = pad(attention_mask) if attention_mask is not None else None
         prediction = flux_forward(
             self.transformer, hidden, text, pooled, timestep, img_ids, txt_ids, guidance, self.cache, states, pad,
-            adapters,
+            adapters, attention_mask,
         )
         return prediction[:rows]
 

@@ -91,6 +91,7 @@ def flux_forward(
     states: Sequence = (),
     pad: Callable[[torch.Tensor], torch.Tensor] | None = None,
     adapters: AdapterRegistry | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The transformer's prediction for every row, block by block.
 
@@ -98,7 +99,12 @@ def flux_forward(
     block sees. `pad(tensor)` pads the subset of rows that run the remaining blocks to a batch size the compiled
     blocks were built for (see `acceleration.RowBuckets`); its padded rows are dropped again. `adapters` (the
     pipeline's registry) keeps each computed row's adapter when only some rows run the remaining blocks.
+    `attention_mask` (rows of several canvas sizes packed in one grid, `pipeline.CanvasPacking`) hides padding tokens;
+    the step cache compares whole rows, so it does not take packed rows.
     """
+    if cache is not None and attention_mask is not None:
+        raise ValueError("the per-row step cache needs one canvas size per forward; do not pack canvas sizes with it")
+    kwargs = {"joint_attention_kwargs": {"attention_mask": attention_mask}} if attention_mask is not None else {}
     model = transformer
     hidden = model.x_embedder(hidden_states)
     timestep = timestep.to(hidden.dtype) * 1000
@@ -110,9 +116,10 @@ def flux_forward(
     rotary = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
 
     first, *rest = model.transformer_blocks
-    text, after_first = first(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary)
+    text, after_first = first(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary,
+                              **kwargs)
     if cache is None:
-        return model.proj_out(model.norm_out(_remaining(model, rest, after_first, text, temb, rotary), temb))
+        return model.proj_out(model.norm_out(_remaining(model, rest, after_first, text, temb, rotary, kwargs), temb))
 
     owners = row_owners(states)
     entries = [extras.get(CACHE_KEY, {}).get(kind) for extras, kind in owners]
@@ -138,12 +145,11 @@ def flux_forward(
     return model.proj_out(model.norm_out(output, temb))
 
 
-def _remaining(model, rest, hidden, text, temb, rotary) -> torch.Tensor:
+def _remaining(model, rest, hidden, text, temb, rotary, kwargs: dict | None = None) -> torch.Tensor:
     """Image tokens after the double blocks `rest` and all single blocks."""
-    for block in rest:
-        text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary)
-    for block in model.single_transformer_blocks:
-        text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary)
+    for block in [*rest, *model.single_transformer_blocks]:
+        text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary,
+                             **(kwargs or {}))
     return hidden
 
 
