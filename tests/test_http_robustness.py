@@ -216,7 +216,8 @@ def test_fuzzing_every_operation_gets_no_5xx_no_dropped_connection_and_conformin
 
     fuzz()
     assert sum(statuses.values()) >= 200 and max(statuses) < 500, statuses
-    assert len(operations) == len(list(schema.get_all_operations())) == 7, operations
+    every = {operation.ok().label for operation in schema.get_all_operations()}
+    assert operations == every and {"POST /generate", "POST /v1/images/edits", "GET /v1/adapters"} <= every
 
 
 def test_docs_json_is_a_valid_openapi_document_of_every_route(server):
