@@ -42,6 +42,11 @@ def test_bentoml_build(tmp_path):
     assert (bento / "src" / "dsd_serve" / "http.py").is_file()
     assert (bento / "src" / "dsd_serve" / "pb" / "dsd_pb2_grpc.py").is_file()
     assert not (bento / "src" / "tests").exists()
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for package, patterns in package_data.items():
+        for pattern in patterns:
+            files = list((ROOT / package.replace(".", "/")).glob(pattern))
+            assert files and all((bento / "src" / f.relative_to(ROOT)).is_file() for f in files), (package, pattern)
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "diffusers==0.42.1" in requirements
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
