@@ -288,8 +288,8 @@ def test_deadline_is_504_and_frees_the_slot(server):
 
 def test_client_disconnect_cancels_the_request(server):
     before = server.metric("dsd_requests_cancelled_total")
-    with pytest.raises(httpx.TimeoutException):
-        post(server, body(steps=100, size=256), timeout=1.0)
+    with pytest.raises(httpx.TimeoutException):  # 100 steps of 3 rows at 512 px: many seconds of work on any CPU
+        post(server, body(steps=100, size=512, image_guidance=2.0), timeout=1.0)
     server.wait_for_metric("dsd_requests_cancelled_total", minimum=before + 1, timeout=30)
 
 
