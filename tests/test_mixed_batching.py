@@ -39,6 +39,18 @@ def alone(request: GenerationRequest) -> torch.Tensor:
                 adapter=request.adapter, output_type="pt").images
 
 
+def behind_the_first(engine, hold: Hold, requests: list[GenerationRequest]) -> list:
+    """Submit `requests[0]`, hold its first step, submit the others, and release the step once all are prepared:
+    from the next step on they share its forwards."""
+    hold.close()
+    jobs = [engine.submit(requests[0])]
+    wait_until(lambda: hold.waiting.is_set())
+    jobs += [engine.submit(request) for request in requests[1:]]
+    wait_until(lambda: all(job.state is not None for job in jobs))
+    hold.open()
+    return jobs
+
+
 def forwards(kind: str) -> float:
     return REGISTRY.get_sample_value("dsd_forwards_total", {"kind": kind}) or 0.0
 
@@ -53,12 +65,7 @@ def test_rows_of_different_adapters_share_forwards_and_equal_their_single_adapte
                     image_guidance_scale=2.0 if i == 4 else 1.0) for i in range(7)]
     requests.append(req(7, adapter=None, num_inference_steps=3))
     mixed = forwards("mixed")
-    hold.close()
-    jobs = [engine.submit(requests[0])]
-    wait_until(lambda: hold.waiting.is_set())
-    jobs += [engine.submit(request) for request in requests[1:]]
-    wait_until(lambda: all(job.state is not None for job in jobs))
-    hold.open()
+    jobs = behind_the_first(engine, hold, requests)
     results = [job.future.result(timeout=60) for job in jobs]
     assert forwards("mixed") - mixed >= 2  # the later requests joined the first one's batch
     assert max(job.started for job in jobs) < min(job.finished for job in jobs)
@@ -265,14 +272,9 @@ def test_packed_sizes_share_one_forward_and_equal_their_images_alone(start_engin
 
     pipe.step = step
     engine = start_engine(pipe, max_batch_rows=12, pack_sizes=True)
-    hold.close()
     requests = [req(i, size=size, adapter=ADAPTERS[i % 3], num_inference_steps=3,
                     image_guidance_scale=2.0 if i == 1 else 1.0) for i, size in enumerate((64, 96, 80, 64, 96))]
-    jobs = [engine.submit(requests[0])]
-    wait_until(lambda: hold.waiting.is_set())
-    jobs += [engine.submit(request) for request in requests[1:]]
-    wait_until(lambda: all(job.state is not None for job in jobs))
-    hold.open()
+    jobs = behind_the_first(engine, hold, requests)
     results = [job.future.result(timeout=60) for job in jobs]
     assert [64, 80, 96] in steps  # one forward held all three sizes
     for request, result in zip(requests, results):
