@@ -36,6 +36,10 @@ class ChatError(RuntimeError):
     """The server cannot serve requests (unreachable, refusing the key, still failing after every retry)."""
 
 
+class ChatTimeout(ChatError):
+    """The server gave no answer within `request_timeout_s`, on every attempt."""
+
+
 class ChatRejected(RuntimeError):
     """The server refused this one request with a client error (e.g. HTTP 400 for an oversized input)."""
 
@@ -117,11 +121,11 @@ class ChatClient:
         field = f"{self.endpoint.role}_base_url"
         url = f"{self.endpoint.base_url.rstrip('/')}/chat/completions"
         for attempt in range(self.max_retries + 1):
-            wait = None
+            wait, timed_out = None, False
             try:
                 response = self._http.post("chat/completions", json=body)
             except httpx.TimeoutException:
-                problem = f"no answer within {self.timeout_s} s (request_timeout_s)"
+                problem, timed_out = f"no answer within {self.timeout_s} s (request_timeout_s)", True
             except httpx.ConnectError as exc:
                 problem = f"is unreachable ({exc})"
             except httpx.TransportError as exc:
@@ -146,7 +150,8 @@ class ChatClient:
                 problem, wait = detail, _retry_after(response)
             if attempt < self.max_retries:
                 time.sleep(min(wait if wait is not None else self._backoff(attempt), self.max_backoff_s))
-        raise ChatError(f"{field} {url!r}: {problem}; gave up after {self.max_retries + 1} attempt(s)")
+        error = ChatTimeout if timed_out else ChatError
+        raise error(f"{field} {url!r}: {problem}; gave up after {self.max_retries + 1} attempt(s)")
 
     def _backoff(self, attempt: int) -> float:
         delay = self.backoff_s * 2**attempt

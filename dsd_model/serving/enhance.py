@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 
 from PIL import Image
 
-from ..data.chat import ChatClient, MalformedReply, TruncatedReply
+from ..data.chat import ChatClient, ChatTimeout, MalformedReply, TruncatedReply
 from ..data.settings import ChatSettings, Endpoint
 from ..settings import Settings
 from .latent_cache import connect, failure_kind, without_credentials
@@ -159,7 +159,7 @@ class PromptEnhancer:
         call = asyncio.get_running_loop().run_in_executor(self._calls, self._ask, reference, prompt, key)
         try:
             return Enhancement(await asyncio.wait_for(call, self.timeout_s), "enhanced")
-        except TimeoutError:
+        except (TimeoutError, ChatTimeout):  # whichever of the two equal deadlines is seen first
             reason = f"no answer within {self.timeout_s:g} s"
         except TruncatedReply:
             return Enhancement(None, "too_long", f"enhance_prompt: the enhancement model's reply was cut off at "
