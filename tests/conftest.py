@@ -30,15 +30,16 @@ def fresh_pipe():
 
 @pytest.fixture
 def start_engine():
-    """Start engines (`start_engine(pipe, adapter_store=None, **EngineConfig fields)`) without warm-up; drained after
-    the test."""
+    """Start engines (`start_engine(pipe, adapter_store=None, latent_cache=None, start=True, **EngineConfig fields)`)
+    without warm-up (`start=False` only builds one); drained after the test."""
     from dsd_model.serving.engine import Engine, EngineConfig
 
     engines = []
 
-    def start(pipe, adapter_store=None, **config):
-        engine = Engine(pipe, EngineConfig(**config), adapter_store=adapter_store)
-        engine.start(warmup=False)
+    def start(pipe, adapter_store=None, latent_cache=None, start=True, **config):
+        engine = Engine(pipe, EngineConfig(**config), latent_cache=latent_cache, adapter_store=adapter_store)
+        if start:
+            engine.start(warmup=False)
         engines.append(engine)
         return engine
 

@@ -76,19 +76,8 @@ def store(redis_server):
 
 
 @pytest.fixture
-def engine_with(fresh_pipe):
-    engines = []
-
-    def make(cache: LatentCache, start: bool = True) -> Engine:
-        engine = Engine(fresh_pipe, latent_cache=cache)
-        if start:
-            engine.start(warmup=False)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.drain(timeout=10)
+def engine_with(fresh_pipe, start_engine):
+    return lambda cache, start=True: start_engine(fresh_pipe, latent_cache=cache, start=start)
 
 
 def latent_cache(url: str, vae, **overrides) -> LatentCache:
