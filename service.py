@@ -121,6 +121,8 @@ class DSDService:
         """Stop claiming jobs and admitting requests, let the engine finish its work and the jobs store their
         results."""
         self.jobs.stop_claiming()
+        if self.runtime is not None:  # first, so a caller told NOT_SERVING is refused as draining, never queued
+            self.runtime.engine.stop_admitting()
         if self.grpc is not None:
             self.grpc.stop_serving()
         if self.runtime is not None:

@@ -279,7 +279,7 @@ def test_queue_full_is_429_with_retry_after(tight):
 
 def test_deadline_is_504_and_frees_the_slot(server):
     before = server.metric("dsd_requests_timed_out_total")
-    response = post(server, body(steps=100, deadline_s=0.5))
+    response = post(server, body(steps=100, size=512, image_guidance=2.0, deadline_s=0.5))
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "deadline_exceeded"
     assert server.metric("dsd_requests_timed_out_total") == before + 1

@@ -200,7 +200,7 @@ def test_a_job_past_its_deadline_fails_naming_the_field_and_sends_job_failed(clu
     a = cluster["a"]
     receiver = Receiver(failures=0)
     try:
-        job = submit(a, steps=100, deadline_s=0.3, webhook=receiver.url, webhook_events=["job.failed"]).json()
+        job = submit(a, steps=100, size=512, image_guidance=2.0, deadline_s=0.3, webhook=receiver.url, webhook_events=["job.failed"]).json()
         view = wait_for(a, job["id"])
         end = time.monotonic() + 30
         while not receiver.deliveries and time.monotonic() < end:
@@ -211,7 +211,7 @@ def test_a_job_past_its_deadline_fails_naming_the_field_and_sends_job_failed(clu
     assert view["error"]["code"] == "deadline_exceeded" and view["error"]["field"] == "deadline_s"
     (delivery,) = receiver.deliveries
     assert Webhook(SECRET).verify(delivery[2], delivery[1])["type"] == "job.failed"
-    keyed = httpx.post(f"{a.url}/generate", json=body(steps=100, deadline_s=0.3),
+    keyed = httpx.post(f"{a.url}/generate", json=body(steps=100, size=512, image_guidance=2.0, deadline_s=0.3),
                        headers={"Idempotency-Key": f"late-{time.time_ns()}"}, timeout=60)
     assert keyed.status_code == 504 and keyed.json()["error"]["field"] == "deadline_s"
 

@@ -213,7 +213,7 @@ def test_a_dead_thread_fails_every_request_and_the_replica_stops_being_alive(sta
     engine = start_engine(tiny_pipeline(DyingPipeline), max_batch_rows=12)
     reasons = []
     engine.on_failure(reasons.append)  # what turns gRPC health NOT_SERVING in the service
-    running = engine.submit(req(1, num_inference_steps=50))
+    running = engine.submit(req(1, num_inference_steps=100, image_guidance_scale=2.0))  # outlasts the joining
     wait_for(running, "step")
     dying = engine.submit(req(2, num_inference_steps=2))
     waiting = [engine.submit(req(i, num_inference_steps=2)) for i in range(3, 6)]

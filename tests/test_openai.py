@@ -25,6 +25,8 @@ KEY = "test-key-0123456789"
 SECRET = "url-signing-secret-0123456789"
 REFERENCE = png_bytes(random_image(96, 80, seed=1))
 UPLOAD = ("reference.png", REFERENCE, "image/png")
+LONG = dict(size="512x512", extra_body={"steps": 100, "image_guidance": 2.0})
+"""A request of many seconds on any CPU (100 steps of 3 rows at 512 px), to be cut short."""
 KNOBS = {"seed": 5, "steps": 3, "exact": True}
 
 
@@ -177,7 +179,7 @@ def test_stream_sends_partial_images_in_order_then_the_same_final_image(client):
 
 def test_a_stream_closed_early_cancels_its_request(client, server):
     before = server.metric("dsd_requests_cancelled_total")
-    stream = edit(client, stream=True, partial_images=1, size="256x256", extra_body={"steps": 100})
+    stream = edit(client, stream=True, partial_images=1, **LONG)
     first = next(iter(stream))
     assert first.type == "image_edit.partial_image"
     stream.close()
@@ -187,7 +189,7 @@ def test_a_stream_closed_early_cancels_its_request(client, server):
 def test_a_failure_after_the_stream_began_is_an_error_event(cluster):
     replica = cluster[1]
     with openai.OpenAI(base_url=f"{replica.url}/v1", api_key=KEY, max_retries=0, timeout=120) as sdk:
-        stream = edit(sdk, stream=True, partial_images=1, size="256x256", extra_body={"steps": 100})
+        stream = edit(sdk, stream=True, partial_images=1, **LONG)
         with pytest.raises(openai.APIError) as raised:
             list(stream)
     assert raised.value.code == "deadline_exceeded" and "passed its deadline" in raised.value.message
