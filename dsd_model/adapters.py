@@ -33,7 +33,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -301,13 +301,7 @@ class AdapterRegistry:
                 f"adapter {name!r} is the LoRA already folded into the transformer weights by `dsd convert`; "
                 "loading it again would apply it twice"
             )
-        parameter = next(self.transformer.parameters())
-        dtype = parameter.dtype if parameter.is_floating_point() else torch.bfloat16
-        device = self.transformer.device
-
-        def to_model(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.to(device=device, dtype=dtype).contiguous()
-
+        to_model = self._to_model()
         pairs = {}
         for key in lora:
             module = LORA_KEY.match(key)["module"]
@@ -319,6 +313,27 @@ class AdapterRegistry:
             metadata=metadata,
             digest=digest,
         )
+
+    def _to_model(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A tensor on the transformer's device and in its dtype."""
+        parameter = next(self.transformer.parameters())
+        dtype = parameter.dtype if parameter.is_floating_point() else torch.bfloat16
+        device = self.transformer.device
+        return lambda tensor: tensor.to(device=device, dtype=dtype).contiguous()
+
+    def follow_transformer(self) -> None:
+        """Move the named adapters (and the kept base weights) to the transformer's device and dtype, after the
+        transformer moved (`DSDPipeline.to`)."""
+        to_model = self._to_model()
+        with self._lock:
+            for adapter in self.adapters.values():
+                adapter.lora = {module: (to_model(a), to_model(b)) for module, (a, b) in adapter.lora.items()}
+                if adapter.embedder is not None:
+                    adapter.embedder = (to_model(adapter.embedder[0]), to_model(adapter.embedder[1]))
+            if self._base_weights:
+                modules = dict(self.transformer.named_modules())
+                self._base_weights = {name: weight.to(modules[name].weight)
+                                      for name, weight in self._base_weights.items()}
 
     def load(self, source: str | Path | dict, name: str) -> LoadedAdapter:
         """Load a named adapter (file or state dict); `activate(name)` or a request naming it then uses it."""

@@ -581,6 +581,12 @@ class DSDPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ adapters
 
+    def to(self, *args, **kwargs):
+        """`DiffusionPipeline.to`, with the loaded adapters following the transformer's device and dtype."""
+        moved = super().to(*args, **kwargs)
+        moved.adapters.follow_transformer()
+        return moved
+
     def load_adapter(self, source, name: str) -> None:
         """Load a LoRA adapter file (official layout or ours) or state dict under `name`; requests (and `adapter=`)
         then name it."""
