@@ -364,8 +364,9 @@ def test_a_full_queue_refuses_new_jobs_with_429_but_replays_known_keys(cluster):
 
 def test_queued_jobs_survive_a_redis_restart(cluster):
     a, b, redis = cluster["a"], cluster["b"], cluster["redis"]
-    # blockers of 4 images x 100 CFG steps keep both replicas busy far longer than the test needs them to
-    blockers = [submit(a, steps=100, image_guidance=2.0, num_images=4, seed=i).json()["id"] for i in range(4)]
+    # blockers of 4 images x 100 CFG steps at 512 px keep both replicas busy far longer than the test needs them to
+    blockers = [submit(a, steps=100, size=512, image_guidance=2.0, num_images=4, seed=i).json()["id"]
+                for i in range(4)]
     queued = []
     try:
         for job_id in blockers:
