@@ -185,6 +185,7 @@ def save_compile_cache(directory: Path) -> None:
     logger.info("saved compiled artefacts to %s", path)
 
 
+@torch.no_grad()  # as the pipeline steps: grad mode is part of what a compiled graph is guarded on
 def warm_up(pipe, sizes: Sequence[int], buckets: RowBuckets) -> float:
     """Run one forward for every (canvas size, row bucket, adapter) so that compilation happens before the first
     request. Returns the seconds it took."""
