@@ -255,6 +255,8 @@ class AdapterRegistry:
         self._base_weights: dict[str, torch.Tensor] | None = None
         """Base weights of the adapted layers while adapters are folded; None: unfused."""
         self._hooked: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._hooks: dict[str, Callable] = {}
+        transformer.register_forward_pre_hook(self._before_forward)
         self._lock = threading.Lock()
 
     @property
@@ -361,10 +363,10 @@ class AdapterRegistry:
         adapter = self.get(name)
         if self.fused is not None and name != self.fused:
             raise WeightsError(f"adapter {self.fused!r} is fused into the weights; {name!r} cannot be activated")
-        self._install_hooks([adapter])
         if self.folding:
             self._fold(adapter)
         self.active = name
+        self._set_hooks(RowPlan(((0, 1, adapter),), self._folded))
 
     @contextmanager
     def rows(self, adapters: Sequence[LoadedAdapter | None]) -> Iterator[RowPlan]:
@@ -376,10 +378,10 @@ class AdapterRegistry:
             if stray:
                 raise WeightsError(f"adapter {self.fused!r} is fused into the weights; {sorted(map(str, stray))} "
                                    "cannot be served by this transformer")
-        self._install_hooks(adapters)
         if self.folding:
             self._fold(self.fold_for(adapters))
         plan = RowPlan.of(adapters, self._folded)
+        self._set_hooks(plan)
         self._plan = plan
         try:
             yield plan
@@ -420,16 +422,37 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------------ hooks
 
-    def _install_hooks(self, adapters: Sequence[LoadedAdapter | None]) -> None:
+    @property
+    def lora_hooked(self) -> bool:
+        """Whether forwards now apply some LoRA per row beside the weights (a mixed forward, or an adapter unfused):
+        compiled blocks would specialise on the rows' layout, so such forwards run eagerly (`DSDPipeline._forward`)."""
+        return any(name != EMBEDDER for name in self._hooked)
+
+    def _before_forward(self, module, args) -> None:
+        """Every forward runs with the hooks its plan needs (set before any block runs, never during a forward)."""
+        self._set_hooks(self._current_plan(1))
+
+    def _set_hooks(self, plan: RowPlan) -> None:
+        """Hook exactly the modules `plan` needs: those whose LoRA some row applies beside the weights (its own
+        adapter's, and the folded adapter's difference), and the embedder for adapters that replace it. A forward of
+        folded rows alone runs on bare modules, the path compiled blocks are compiled for."""
+        needed = set()
+        for _, _, adapter in plan.segments:
+            if adapter is not None and adapter.embedder is not None:
+                needed.add(EMBEDDER)
+            if adapter is not plan.folded:
+                for source in (adapter, plan.folded):
+                    needed.update(source.lora if source is not None else ())
+        for module_name in [name for name in self._hooked if name not in needed]:
+            self._hooked.pop(module_name).remove()
         modules = None
-        for adapter in {a for a in adapters if a is not None}:
-            targets = list(adapter.lora) + ([EMBEDDER] if adapter.embedder is not None else [])
-            for module_name in targets:
-                if module_name in self._hooked:
-                    continue
-                modules = modules or dict(self.transformer.named_modules())
-                hook = self._embedder_hook if module_name == EMBEDDER else self._lora_hook(module_name)
-                self._hooked[module_name] = modules[module_name].register_forward_hook(hook)
+        for module_name in needed - self._hooked.keys():
+            modules = modules or dict(self.transformer.named_modules())
+            hook = self._hooks.get(module_name)
+            if hook is None:  # one function per module, so a module hooked again looks the same to torch.compile
+                hook = self._hooks[module_name] = (self._embedder_hook if module_name == EMBEDDER
+                                                   else self._lora_hook(module_name))
+            self._hooked[module_name] = modules[module_name].register_forward_hook(hook)
 
     def _lora_hook(self, module_name: str):
         def hook(module, args, output):
@@ -468,10 +491,10 @@ class AdapterRegistry:
             for module_name, (a, b) in adapter.lora.items():
                 weight = modules[module_name].weight
                 weight.copy_((weight.float() + b.float() @ a.float()).to(weight.dtype))
-        self._install_hooks([adapter])
         self._folded = adapter
         self.fused = name
         self.active = name
+        self._set_hooks(RowPlan(((0, 1, adapter),), adapter))
 
     def fold_on_activate(self) -> None:
         """Serve adapters folded into the weights: each forward folds its most-used adapter (rebuilt from a kept copy
@@ -488,6 +511,7 @@ class AdapterRegistry:
             return
         self._fold(None)
         self._base_weights = None
+        self._set_hooks(self._current_plan(1))
 
     def _fold(self, adapter: LoadedAdapter | None) -> None:
         if adapter is self._folded:

@@ -17,6 +17,7 @@ forward.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
@@ -544,15 +545,21 @@ class DSDPipeline(DiffusionPipeline):
                  attention_mask=None) -> torch.Tensor:
         """The transformer's prediction for the rows of `states` (in `step`'s row order); `attention_mask` (packed
         canvases, `CanvasPacking`) hides each row's padding. `self.denoiser` (`acceleration.Denoiser`: bucketed rows,
-        per-row step cache), when set, makes the call."""
-        if self.denoiser is not None:
-            return self.denoiser(hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states, self.adapters,
-                                 attention_mask)
-        return self.transformer(
-            hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled,
-            encoder_hidden_states=text, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
-            joint_attention_kwargs={"attention_mask": attention_mask} if attention_mask is not None else None,
-        )[0]
+        per-row step cache), when set, makes the call.
+
+        A forward that applies LoRA per row (mixed adapters, or an adapter unfused) runs its blocks eagerly: compiled
+        blocks are compiled for bare modules, and tracing the per-row hooks would specialise them on every layout of
+        rows (a recompilation per layout, measured in the GPU check's rehearsal)."""
+        eager = torch.compiler.set_stance("force_eager") if self.adapters.lora_hooked else contextlib.nullcontext()
+        with eager:
+            if self.denoiser is not None:
+                return self.denoiser(hidden, timestep, guidance, pooled, text, img_ids, txt_ids, states, self.adapters,
+                                     attention_mask)
+            return self.transformer(
+                hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled,
+                encoder_hidden_states=text, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+                joint_attention_kwargs={"attention_mask": attention_mask} if attention_mask is not None else None,
+            )[0]
 
     def decode(self, state: DenoiseState) -> torch.Tensor:
         """Decoded canvas (or its right half) in [-1, 1], shape [1, 3, H, W]."""

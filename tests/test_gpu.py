@@ -67,3 +67,19 @@ def test_fp8_runs_or_refuses_by_compute_capability():
     images = load_pipeline(settings)(reference, "a toy", **kwargs).images.float()
     # float8 (3 mantissa bits) weights and activations on every block linear of a random tiny model
     assert (images - expected.images.float()).abs().mean() < 0.1
+
+
+def test_mixed_forwards_never_recompile_the_compiled_blocks():
+    """Forwards of several adapters apply their LoRA eagerly beside compiled blocks, whatever the rows' layout."""
+    from torch._dynamo.utils import counters
+
+    named = {} if ON_CUDA else {"compile": "on", "lora_fusion": "per_adapter"}
+    pipe = load_pipeline(Settings(profile="tiny", device=DEVICE, compile_sizes=[64], compile_row_buckets=[1, 4], **named))
+    adapters = ["identity", "structure", "structure", "identity", None, "structure"]
+    states = pipe.prepare([GenerationRequest(image=random_image(seed=i), prompt="a toy", num_inference_steps=6,
+                                             size=64, seed=i, adapter=adapter) for i, adapter in enumerate(adapters)])
+    compiled = counters["stats"]["unique_graphs"]
+    for rows in ([0, 1], [0, 3, 1], [1, 2, 0], [4, 0], [5], [0], [1, 2], [0, 1, 2, 4]):
+        pipe.step([states[i] for i in rows])
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert all(torch.isfinite(state.latents).all() for state in states)

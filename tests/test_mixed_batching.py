@@ -307,3 +307,32 @@ def test_a_mixed_forward_folds_its_adapter_only_when_it_holds_most_rows():
     assert registry.fold_for([a, a, b, b]) is None  # a tie folds nothing new...
     registry.activate("structure")
     assert registry.is_folded(b) and registry.fold_for([a, a, b, b]) is b  # ...and keeps what is folded
+
+
+def test_a_forward_hooks_only_the_layers_its_rows_need():
+    """Folded or base-model rows run on bare layers (the path compiled blocks are compiled for); rows that apply some
+    LoRA beside the weights hook their layers, always with the same hook function per layer."""
+    pipe = tiny_pipeline(fold=True)
+    registry = pipe.adapters
+    a, b, _ = (registry.adapters[name] for name in ADAPTERS)
+    modules = dict(pipe.transformer.named_modules())
+    target = next(iter(a.lora))
+
+    def hooks():
+        return list(modules[target]._forward_hooks.values())
+
+    with registry.rows([a, a, a, a]):
+        assert not registry.lora_hooked and hooks() == []
+    with registry.rows([a, a, a, b]):
+        assert registry.lora_hooked and len(hooks()) == 1
+        first = hooks()[0]
+    with registry.rows([None, None]):
+        assert not registry.lora_hooked and hooks() == []
+    registry.stop_folding()
+    with registry.rows([a, a]):
+        assert registry.lora_hooked and hooks() == [first]
+    states = pipe.prepare([req(1, adapter="identity"), req(2, adapter="structure")])
+    pipe.step(states)  # a mixed forward through the pipeline, hooked
+    registry.fold_on_activate()
+    pipe.step(states[:1])  # the folded single adapter: no hooks left behind by the mixed forward
+    assert not registry.lora_hooked and hooks() == []
