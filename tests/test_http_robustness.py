@@ -32,7 +32,9 @@ UPLOAD_CAP = 21
 TRICKLERS = 20
 RATE_GRACE_S = 2.0
 JOB_ROUTES = ("GET /v1/jobs/{}", "GET /v1/jobs/{}/events", "POST /v1/jobs/{}/cancel", "GET /v1/jobs/{}/images/0")
-ODD_JOB_IDS = ("%F0%9F%98%80", "%ff%fe", "%00", "%09", "%0D", "%20", "0123456789abcdef0123456789ab%0A", "a" * 60_000)
+ODD_JOB_IDS = ("%F0%9F%98%80", "%ff%fe", "%00", "%09", "%0D", "%20", "0123456789abcdef0123456789ab%0A", "a" * 12_000)
+"""The long one keeps the request head under h11's 16 KiB limit on an incomplete head, so it reaches the app however
+the connection splits it; longer heads are the next test's."""
 
 
 def body(**overrides) -> dict:
